@@ -1,0 +1,72 @@
+"""Train the tiny world's AutoencoderKL (16 latent channels) and set its shift/scale from the data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import Config
+from pipeline.evaluation.quality import psnr
+from pipeline.foundation.data import TRAIN_SPLITS, pixels, scenes
+from pipeline.models.world import build_vae
+from pipeline.training import Loop
+
+KL_WEIGHT = 1e-6  # small: the posterior variance collapses, so the pipeline's latent sampling ~= the mode
+
+
+def vae_loss(vae, batch, generator):
+    x = batch["image"]
+    post = vae.encode(x).latent_dist
+    z = post.mean + post.std * torch.randn(post.mean.shape, generator=generator).to(x.device)
+    recon = vae.decode(z).sample
+    rec = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
+    kl = post.kl().mean() / x[0].numel()
+    return {"loss": rec + KL_WEIGHT * kl, "recon": rec, "kl": kl}
+
+
+@torch.no_grad()
+def set_latent_stats(vae, images: torch.Tensor) -> tuple[float, float]:
+    """SD3-style shift_factor / scaling_factor: latents are (z - shift) * scale with unit variance."""
+    z = torch.cat([vae.encode(images[i:i + 256]).latent_dist.mode() for i in range(0, len(images), 256)])
+    shift, scale = float(z.mean()), float(1.0 / z.std())
+    vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+    return shift, scale
+
+
+@torch.no_grad()
+def reconstruction_psnr(vae, images: torch.Tensor) -> float:
+    from pipeline.models import inpaint
+
+    recon = torch.cat([inpaint.decode(vae, inpaint.encode(vae, images[i:i + 256]))
+                       for i in range(0, len(images), 256)])
+    return float(psnr(recon, images).mean())
+
+
+def train_vae(cfg: Config, scenes_dir: Path, out: Path, checkpoints: Path, live: Path | None) -> dict:
+    images, _ = pixels(scenes(scenes_dir, TRAIN_SPLITS), cfg.data.image_size)
+    torch.manual_seed(cfg.seed)
+    vae = build_vae(cfg)
+    loop = Loop("vae", vae, {"image": images}, vae_loss, cfg.vae.train, cfg.seed, checkpoints,
+                checkpoint_every=cfg.distill.checkpoint_every, keep_checkpoints=1, live_dir=live)
+    result = loop.run()
+    vae = loop.model.eval().requires_grad_(False)
+    shift, scale = set_latent_stats(vae, images[:2048])
+    test, _ = pixels(scenes(scenes_dir, ("test",)), cfg.data.image_size)
+    save_atomic(vae, out)
+    return {"vae_test_psnr": reconstruction_psnr(vae, test), "shift_factor": shift, "scaling_factor": scale,
+            "vae_train_seconds": result.seconds}
+
+
+def save_atomic(model, out: Path) -> None:
+    """save_pretrained into a temporary sibling, then rename over ``out``."""
+    import os
+    import shutil
+
+    out = Path(out)
+    tmp = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)

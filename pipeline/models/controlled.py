@@ -1,0 +1,42 @@
+"""Backbone + ControlNet forward, with the residual injection owned by pipeline.models.mapping."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.models.mapping import Convention, backbone_mapping, expand_to_blocks
+
+
+@dataclass
+class Controlled:
+    """A frozen backbone driven by one ControlNet under a named mapping convention."""
+
+    backbone: torch.nn.Module
+    controlnet: torch.nn.Module
+    convention: Convention
+
+    def __post_init__(self):
+        self.mapping = backbone_mapping(self.backbone, self.controlnet.config.num_layers, self.convention)
+
+    def control(self, noisy, timesteps, prompt_embeds, pooled, control, scale: float = 1.0) -> list[torch.Tensor]:
+        """The ControlNet's per-layer residuals f_j (already times ``scale``). Pooled projections are
+        zeros when the ControlNet says so, as the stock inpainting pipeline does."""
+        cn_pooled = torch.zeros_like(pooled) if self.controlnet.config.force_zeros_for_pooled_projection else pooled
+        return list(self.controlnet(
+            hidden_states=noisy, timestep=timesteps, encoder_hidden_states=prompt_embeds,
+            pooled_projections=cn_pooled, controlnet_cond=control, conditioning_scale=scale, return_dict=False,
+        )[0])
+
+    def denoise(self, noisy, timesteps, prompt_embeds, pooled, residuals: list[torch.Tensor] | None) -> torch.Tensor:
+        blocks = expand_to_blocks(residuals, self.mapping) if residuals is not None else None
+        return self.backbone(
+            hidden_states=noisy, timestep=timesteps, encoder_hidden_states=prompt_embeds,
+            pooled_projections=pooled, block_controlnet_hidden_states=blocks, return_dict=False,
+        )[0]
+
+    def __call__(self, noisy, timesteps, prompt_embeds, pooled, control, scale: float = 1.0):
+        """-> (backbone output, per-layer residuals)."""
+        residuals = self.control(noisy, timesteps, prompt_embeds, pooled, control, scale)
+        return self.denoise(noisy, timesteps, prompt_embeds, pooled, residuals), residuals
