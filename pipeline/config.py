@@ -84,7 +84,7 @@ class DataConfig(_Strict):
 
 class TextConfig(_Strict):
     vocab_size: int = Field(512, ge=300, description="BPE vocabulary trained on the prompt corpus")
-    tokenizer_max_length: int = Field(16, ge=4, le=77)
+    tokenizer_max_length: int = Field(24, ge=4, le=77)
     # Rows of T5 embeddings that SD3's encode_prompt appends (zeros when text_encoder_3 is None).
     # Users of the stock pipeline must pass the same value: pipe(..., max_sequence_length=N).
     max_sequence_length: int = Field(8, ge=1, le=512)

@@ -43,6 +43,7 @@ from prefect.exceptions import MissingContextError
 from pydantic import BaseModel, ConfigDict, Field
 
 TAIL_LINES = 40
+DVC = [sys.executable, "-m", "dvc"]   # the dvc of this interpreter, activated venv or not
 GATES_DIR = Path("metrics") / "gates"
 METRICS_DIR = Path("metrics")
 REPORT = Path("reports") / "report.md"
@@ -126,18 +127,23 @@ def dvc_stages(workspace: str | Path = ".") -> list[Stage]:
 
     with Repo(str(workspace)) as repo:
         graph = repo.index.graph           # edge u -> v: stage u depends on stage v
-        nodes = list(graph.nodes)
+        nodes = [s for s in graph.nodes if s.cmd]
+
+        def address(s) -> str:            # `s.addressing` is relative to the process's cwd, not the workspace
+            rel = Path(os.path.relpath(s.path, repo.root_dir)).as_posix()
+            return s.name if rel == "dvc.yaml" else f"{rel}:{s.name}"
+
+        addr = {s: address(s) for s in nodes}
         stages = {
-            s.addressing: Stage(
-                address=s.addressing,
-                name=getattr(s, "name", s.addressing),
-                cmd=" && ".join(s.cmd) if isinstance(s.cmd, list) else (s.cmd or ""),
-                upstream=tuple(sorted(v.addressing for v in graph.successors(s) if v.cmd)),
+            addr[s]: Stage(
+                address=addr[s],
+                name=s.name,
+                cmd=" && ".join(s.cmd) if isinstance(s.cmd, list) else s.cmd,
+                upstream=tuple(sorted(addr[v] for v in graph.successors(s) if v in addr)),
             )
             for s in nodes
-            if s.cmd
         }
-        position = {s.addressing: i for i, s in enumerate(nodes)}
+        position = {addr[s]: i for i, s in enumerate(nodes)}
         deps = nx.DiGraph()
         deps.add_nodes_from(stages)
         deps.add_edges_from((up, st.address) for st in stages.values() for up in st.upstream)
@@ -199,6 +205,8 @@ def _env() -> dict[str, str]:
     # DVC_IGNORE_ISATTY=1 *forces* DVC's progress bars onto non-TTY output (dvc/progress.py); leaving it
     # unset keeps the logs of a piped `dvc repro` free of bar redraws.
     env.pop("DVC_IGNORE_ISATTY", None)
+    # stage commands say `python ...`: make it this interpreter's environment even when not activated
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.setdefault("GX_ANALYTICS_ENABLED", "false")
     env.setdefault("DVC_NO_ANALYTICS", "1")
@@ -227,10 +235,7 @@ def _gate_mtimes(workspace: Path) -> dict[Path, float]:
 
 
 def dvc_stage_is_current(stage: str, workspace: str | Path) -> bool:
-    rc, out = subprocess.run(
-        ["dvc", "status", "--json", stage], cwd=str(workspace), env=_env(), capture_output=True, text=True
-    ).returncode, None
-    proc = subprocess.run(["dvc", "status", "--json", stage], cwd=str(workspace), env=_env(),
+    proc = subprocess.run([*DVC, "status", "--json", stage], cwd=str(workspace), env=_env(),
                           capture_output=True, text=True)
     if proc.returncode:
         return False
@@ -246,12 +251,13 @@ def run_dvc_stage(stage: str, workspace: str | Path = ".", *, force: bool = Fals
     workspace = Path(workspace)
     log = _logger()
     before = _gate_mtimes(workspace)
-    cmd = ["dvc", "repro", "--single-item", stage] + (["--force"] if force else [])
-    log.info("$ %s  (in %s)", shlex.join(cmd), workspace)
+    cmd = [*DVC, "repro", "--single-item", stage] + (["--force"] if force else [])
+    log.info("$ dvc %s  (in %s)", shlex.join(cmd[3:]), workspace)
     rc, tail = stream_command(cmd, workspace, log)
     if rc == 0:
         return {"stage": stage, "skipped": "didn't change, skipping" in tail}
-    message = f"DVC stage '{stage}' failed (exit {rc})"
+    code = re.findall(r"exited with (-?\d+)", tail)
+    message = f"DVC stage '{stage}' failed (" + (f"its command exited with {code[-1]}" if code else f"dvc exit {rc}") + ")"
     changed = [p for p, m in _gate_mtimes(workspace).items() if before.get(p) != m]
     failures = [f for p in changed for f in gate_failures(p)]
     if failures:
@@ -276,7 +282,7 @@ def dvc_stage_task(stage: str, workspace: str, force: bool = False, no_retry: li
 
 def commit_stage(stage: str, workspace: str | Path) -> None:
     """Record outputs produced outside ``dvc repro`` (sharded or accelerate runs) in dvc.lock and the cache."""
-    rc, tail = stream_command(["dvc", "commit", "--force", stage], workspace)
+    rc, tail = stream_command([*DVC, "commit", "--force", stage], workspace)
     if rc:
         raise StageFailed(stage, f"'dvc commit {stage}' failed (exit {rc})", tail, rc)
 
@@ -286,7 +292,8 @@ def accelerate_command(cmd: str, config_file: str) -> str:
     argv = shlex.split(cmd)
     if not argv or Path(argv[0]).name not in {"python", "python3", Path(sys.executable).name}:
         raise ValueError(f"cannot launch through accelerate: {cmd!r} is not a 'python ...' command")
-    return shlex.join(["accelerate", "launch", "--config_file", config_file, *argv[1:]])
+    return shlex.join([sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file,
+                       *argv[1:]])
 
 
 @task(name="dvc-stage-launched", task_run_name="{stage}", cache_policy=NO_CACHE,
@@ -392,13 +399,8 @@ def fan_out(command: str, num_shards: int, out: str, workspace: str | Path = "."
     return sharded_flow.with_options(task_runner=runner)(command, num_shards, out, str(workspace), merge)
 
 
-@task(name="dvc-stage-sharded", task_run_name="{stage}", cache_policy=NO_CACHE)
-def _stage_is_current_task(stage: str, workspace: str) -> bool:
-    return dvc_stage_is_current(stage, workspace)
-
-
 def run_sharded_stage(stage: str, spec: ShardSpec, workspace: str, settings: FlowSettings) -> dict:
-    if _stage_is_current_task(stage, workspace):
+    if dvc_stage_is_current(stage, workspace):
         _logger().info("Stage '%s' didn't change, skipping", stage)
         return {"stage": stage, "skipped": True}
     fan_out(spec.command, spec.num_shards, spec.out, workspace,
@@ -558,7 +560,7 @@ def apply_parameters(workspace: str | Path = ".", profile: str | None = None,
     if params.exists() and (profile or overrides):
         from pipeline.config import load
         load(params)   # a bad value fails here, naming the key, before any stage runs
-    diff = subprocess.run(["dvc", "params", "diff", "--md"], cwd=str(root), env=_env(),
+    diff = subprocess.run([*DVC, "params", "diff", "--md"], cwd=str(root), env=_env(),
                           capture_output=True, text=True)
     return {"workspace": str(root.resolve()), "profile": profile, "overrides": overrides or {},
             "params_diff_vs_head": diff.stdout.strip() if diff.returncode == 0 else diff.stderr.strip()}
@@ -612,8 +614,13 @@ def run_pipeline(workspace: str | Path = ".", targets: list[str] | None = None, 
                 )(stage.address, cmd, workspace))
             else:
                 results.append(stage_task(stage.address, workspace, force, settings.no_retry_stages))
-    finally:
-        published = publish_artifacts(workspace)
+    except BaseException:
+        try:                              # what the gates and metrics said, also for a failed run
+            publish_artifacts(workspace)
+        except Exception as exc:          # never hide the stage's failure behind an artifact error
+            log.warning("could not publish artifacts: %r", exc)
+        raise
+    published = publish_artifacts(workspace)
     failed = [f for fs in published["gates"].values() for f in fs]
     if failed:
         raise GateFailed("gates", "validation gate failed: " + "; ".join(failed))
@@ -656,7 +663,7 @@ def serve(workspace: str = ".", limit: int = 1) -> None:
     from prefect import serve as prefect_serve
 
     params = {"workspace": str(Path(workspace).resolve())}
-    prefect_serve(*(f.to_deployment(name=f"{key}", parameters=params, tags=["refine-control"])
+    prefect_serve(*(f.to_deployment(name=f"{key}-local", parameters=params, tags=["refine-control"])
                     for key, f in FLOWS.items()), limit=limit)
 
 

@@ -78,6 +78,7 @@ class Loop:
     log_every: int = 10
     max_steps_this_run: int | None = None  # stop early (for tests that simulate a kill)
     on_start: Callable[[Accelerator], None] | None = None
+    fingerprint: str = ""  # what the checkpoints were made from; others are discarded, not resumed
 
     def run(self) -> LoopResult:
         acc = Accelerator(
@@ -100,7 +101,8 @@ class Loop:
         if self.on_start:
             self.on_start(acc)
 
-        start = _resume(acc, self.checkpoint_dir)
+        key = _fingerprint(self.fingerprint, self.train, {**self.data, **acc.unwrap_model(model).state_dict()})
+        start = _resume(acc, self.checkpoint_dir, key)
         total = self.train.steps
         live = _live(self.live_dir, start, acc)
         end = total if self.max_steps_this_run is None else min(total, start + self.max_steps_this_run)
@@ -197,7 +199,28 @@ def _checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def _resume(acc: Accelerator, root: Path) -> int:
+def _fingerprint(extra: str, train: TrainLoop, tensors: dict[str, torch.Tensor]) -> str:
+    """Params, training data and initial weights, summarised; checkpoints resume only under the same."""
+    import hashlib
+
+    h = hashlib.sha256(extra.encode())
+    h.update(train.model_dump_json(exclude={"steps"}).encode())  # more steps may continue a run
+    for k in sorted(tensors):
+        v = tensors[k].detach()
+        h.update(f"{k}{tuple(v.shape)}{float(v.double().sum()):.10e}{float(v.double().abs().sum()):.10e}".encode())
+    return h.hexdigest()
+
+
+def _resume(acc: Accelerator, root: Path, key: str) -> int:
+    mark = root / "FINGERPRINT"
+    if acc.is_main_process and root.exists() and (not mark.exists() or mark.read_text() != key):
+        if _checkpoints(root):
+            acc.print(f"{root}: checkpoints were made from other params or data; starting afresh")
+        shutil.rmtree(root)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        mark.write_text(key)
     ckpts = _checkpoints(root)
     if not ckpts:
         return 0

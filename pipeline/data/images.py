@@ -28,8 +28,8 @@ def load_manifest(path: str | Path, resolve: bool = True) -> pd.DataFrame:
     if resolve:
         for col in PATH_COLUMNS:
             if col in df.columns:
-                df[col] = [None if p is None or (isinstance(p, float) and np.isnan(p)) else str(path.parent / p)
-                           for p in df[col]]
+                df[col] = pd.Series([str(path.parent / p) if isinstance(p, str) and p else None for p in df[col]],
+                                    index=df.index, dtype=object)
     return df
 
 

@@ -30,7 +30,7 @@ from pipeline.data.synthetic import SPLITS, atomic_dir, commit_dir, random_mask
 
 OUTPUT_COLUMNS = [
     "id", "split", "image", "mask", "instances", "local_prompt", "global_prompt", "objects", "background",
-    "mask_kind", "width", "height", "mask_fraction", "source",
+    "mask_kind", "object_index", "width", "height", "mask_fraction", "source",
 ]
 REJECT_COLUMNS = ["row", "id", "file", "kind", "reason"]
 
@@ -113,6 +113,7 @@ def normalise(df: pd.DataFrame, base: Path, source: str, default_split: str) -> 
             else json.dumps(_val(r, "objects")),
             "background": _val(r, "background"),
             "mask_kind": _val(r, "mask_kind") or ("given" if _val(r, "mask") else None),
+            "object_index": int(_val(r, "object_index")) if _val(r, "object_index") is not None else -1,
             "source": source,
         })
     return pd.DataFrame(rows, columns=[c for c in OUTPUT_COLUMNS if c not in ("width", "height", "mask_fraction")])
@@ -204,6 +205,7 @@ def process_row(row: dict, cfg: TripletsConfig, size: int, out: Path) -> dict:
         inst.save(out / instances, compress_level=1)
     unlabelled = row["split"] == "unlabelled"  # the stage-2 pool carries no prompts
     return {**row, **rel, "instances": instances, "mask_kind": kind,
+            "object_index": row["object_index"] if row["mask"] is not None else -1,
             "local_prompt": None if unlabelled else row["local_prompt"],
             "global_prompt": None if unlabelled else row["global_prompt"],
             "width": size, "height": size, "mask_fraction": float(hole.mean())}
@@ -259,6 +261,7 @@ def build_triplets(rows: pd.DataFrame, cfg: TripletsConfig, size: int, out: str 
             raise BadRowsError(f"{len(bad)} bad row(s) of {len(todo)} (triplets.on_bad=fail; "
                                f"set it to skip to drop them):\n" + "\n".join(lines) + more)
         df = pd.DataFrame(good, columns=OUTPUT_COLUMNS)
+        df["object_index"] = df["object_index"].astype("int64")  # -1: not an object mask
         df["width"] = df["width"].astype("int64")
         df["height"] = df["height"].astype("int64")
         df.to_parquet(tmp / "manifest.parquet", index=False)

@@ -20,11 +20,13 @@ class Controlled:
     def __post_init__(self):
         self.mapping = backbone_mapping(self.backbone, self.controlnet.config.num_layers, self.convention)
 
-    def control(self, noisy, timesteps, prompt_embeds, pooled, control, scale: float = 1.0) -> list[torch.Tensor]:
-        """The ControlNet's per-layer residuals f_j (already times ``scale``). Pooled projections are
-        zeros when the ControlNet says so, as the stock inpainting pipeline does."""
-        cn_pooled = torch.zeros_like(pooled) if self.controlnet.config.force_zeros_for_pooled_projection else pooled
-        return list(self.controlnet(
+    def control(self, noisy, timesteps, prompt_embeds, pooled, control, scale: float = 1.0,
+                controlnet=None) -> list[torch.Tensor]:
+        """The ControlNet's per-layer residuals f_j (already times ``scale``). The ControlNet gets zero
+        pooled projections, as the stock inpainting pipeline gives it. ``controlnet``: the same model
+        wrapped for training (DDP), when it is."""
+        cn_pooled = torch.zeros_like(pooled)
+        return list((controlnet or self.controlnet)(
             hidden_states=noisy, timestep=timesteps, encoder_hidden_states=prompt_embeds,
             pooled_projections=cn_pooled, controlnet_cond=control, conditioning_scale=scale, return_dict=False,
         )[0])

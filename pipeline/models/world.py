@@ -68,8 +68,14 @@ def train_tokenizer(corpus: Iterable[str], cfg: Config) -> CLIPTokenizer:
     )
     chars = " ".join(string.printable.split())
     tok.backend_tokenizer.train_from_iterator([chars, *corpus], trainer)
-    # The trained special tokens keep ids 0 (bos) and 1 (eos, pad), as the untrained defaults had.
-    assert tok.bos_token_id == 0 and tok.eos_token_id == 1, "tokenizer special-token ids moved"
+    # Round-trip through the standard files so ids and post-processor agree with what users load.
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tok.save_pretrained(tmp)
+        tok = CLIPTokenizer.from_pretrained(tmp)
+    if len(tok(" ".join(string.ascii_lowercase + string.digits + ",.!?"))["input_ids"]) < 2:
+        raise RuntimeError("tokenizer training failed: the alphabet does not tokenize")
     return tok
 
 
@@ -152,3 +158,12 @@ def encode_prompts(text_pipe: StableDiffusion3Pipeline, prompts: list[str], max_
         max_sequence_length=max_sequence_length, device=torch.device("cpu"),
     )
     return embeds, pooled
+
+
+def load_foundation(path, dtype=torch.float32) -> StableDiffusion3Pipeline:
+    """The frozen foundation as an SD3 pipeline (T5 absent). Models in eval mode, without grad."""
+    pipe = StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None, dtype=dtype)
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        getattr(pipe, name).eval().requires_grad_(False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,131 @@
+"""`qwen2_5_vl` backend: local and global prompts from Qwen2.5-VL (transformers), batched, cached.
+
+The masked region is shown twice, per the params template: as a crop around the hole and as the whole
+image with the hole tinted (overlay). trust_remote_code is always False.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+from PIL import Image
+
+from pipeline.captions.cache import CaptionCache, cache_key
+from pipeline.captions.config import QwenConfig
+from pipeline.data.images import load_mask
+
+
+def region_views(image: Image.Image, hole: np.ndarray, cfg: QwenConfig) -> tuple[Image.Image, Image.Image]:
+    """(crop around the hole, overlay of the hole on the whole image), both vlm_image_size square."""
+    h, w = hole.shape
+    ys, xs = np.nonzero(hole)
+    pad = cfg.crop_padding * max(w, h)
+    box = (max(0, int(xs.min() - pad)), max(0, int(ys.min() - pad)),
+           min(w, int(xs.max() + 1 + pad)), min(h, int(ys.max() + 1 + pad)))
+    size = (cfg.vlm_image_size, cfg.vlm_image_size)
+    crop = image.crop(box).resize(size, Image.BICUBIC)
+    arr = np.asarray(image, dtype=np.float32).copy()
+    arr[hole] = (1 - cfg.overlay_alpha) * arr[hole] + cfg.overlay_alpha * np.array(cfg.overlay_color)
+    overlay = Image.fromarray(arr.clip(0, 255).astype(np.uint8)).resize(size, Image.NEAREST)
+    return crop, overlay
+
+
+def clean(text: str) -> str:
+    text = text.strip().splitlines()[0] if text.strip() else ""
+    return re.sub(r"\s+", " ", text).strip(" .\"'")
+
+
+class TextImageProcessor:
+    """The part of Qwen2_5_VLProcessor that captioning needs (chat template, image-token expansion,
+    decoding), built from tokenizer + PIL image processor: used when the full processor cannot load
+    (it requires torchvision for its video processor)."""
+
+    def __init__(self, tokenizer, image_processor):
+        self.tokenizer, self.image_processor = tokenizer, image_processor
+        self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+
+    def apply_chat_template(self, conversation, **kwargs):
+        return self.tokenizer.apply_chat_template(conversation, **kwargs)
+
+    def __call__(self, text: list[str], images: list, padding=True, return_tensors="pt"):
+        from transformers import BatchFeature
+
+        vision = self.image_processor(images=images, return_tensors=return_tensors)
+        counts = iter((vision["image_grid_thw"].prod(-1) // self.image_processor.merge_size**2).tolist())
+        expanded = []
+        for t in text:
+            parts = t.split(self.image_token)
+            expanded.append(parts[0] + "".join(self.image_token * next(counts) + p for p in parts[1:]))
+        enc = self.tokenizer(expanded, padding=padding, return_tensors=return_tensors)
+        return BatchFeature({**enc, **vision})
+
+    def batch_decode(self, ids, **kwargs):
+        return self.tokenizer.batch_decode(ids, **kwargs)
+
+
+def load_processor(model: str, revision: str | None = None):
+    """AutoProcessor when it loads; else tokenizer + PIL image processor (same inputs for the model)."""
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    try:
+        return AutoProcessor.from_pretrained(model, revision=revision, trust_remote_code=False)
+    except (ImportError, AttributeError, TypeError, ValueError, OSError):
+        tokenizer = AutoTokenizer.from_pretrained(model, revision=revision, trust_remote_code=False)
+        image_processor = AutoImageProcessor.from_pretrained(model, revision=revision, backend="pil",
+                                                             trust_remote_code=False)
+        return TextImageProcessor(tokenizer, image_processor)
+
+
+class QwenCaptioner:
+    def __init__(self, cfg: QwenConfig):
+        import torch
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        self.cfg = cfg
+        self.torch = torch
+        dtype = getattr(torch, cfg.dtype)
+        self.processor = load_processor(cfg.model, cfg.revision)
+        self.processor.tokenizer.padding_side = "left"  # batched generation
+        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            cfg.model, revision=cfg.revision, dtype=dtype, trust_remote_code=False).to(cfg.device).eval()
+        self.template = {k: getattr(cfg, k) for k in
+                         ("local_template", "global_template", "max_new_tokens", "vlm_image_size",
+                          "crop_padding", "overlay_color", "overlay_alpha", "revision")}
+
+    def _generate(self, conversations: list[list[dict]], images: list[list[Image.Image]]) -> list[str]:
+        texts = [self.processor.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+                 for c in conversations]
+        flat = [im for ims in images for im in ims]
+        inputs = self.processor(text=texts, images=flat, padding=True, return_tensors="pt").to(self.cfg.device)
+        with self.torch.no_grad():
+            out = self.model.generate(**inputs, max_new_tokens=self.cfg.max_new_tokens, do_sample=False)
+        new = out[:, inputs["input_ids"].shape[1]:]
+        return [clean(t) for t in self.processor.batch_decode(new, skip_special_tokens=True)]
+
+    def caption_batch(self, rows: list[dict]) -> list[tuple[str, str]]:
+        local_conv, local_imgs, global_conv, global_imgs = [], [], [], []
+        for r in rows:
+            image = Image.open(r["image"]).convert("RGB")
+            crop, overlay = region_views(image, load_mask(r["mask"]), self.cfg)
+            local_conv.append([{"role": "user", "content": [
+                {"type": "image"}, {"type": "image"}, {"type": "text", "text": self.cfg.local_template}]}])
+            local_imgs.append([crop, overlay])
+            size = (self.cfg.vlm_image_size, self.cfg.vlm_image_size)
+            global_conv.append([{"role": "user", "content": [
+                {"type": "image"}, {"type": "text", "text": self.cfg.global_template}]}])
+            global_imgs.append([image.resize(size, Image.BICUBIC)])
+        return list(zip(self._generate(local_conv, local_imgs), self._generate(global_conv, global_imgs)))
+
+    def caption(self, rows: list[dict], cache: CaptionCache, progress: bool = True) -> list[tuple[str, str]]:
+        """Captions for `rows` (dicts with image, mask paths); cached rows are not recomputed."""
+        from tqdm import tqdm
+
+        keys = [cache_key(r["image"], r["mask"], self.cfg.model, self.template) for r in rows]
+        todo = [i for i, k in enumerate(keys) if cache.get(k) is None]
+        bs = self.cfg.batch_size
+        for start in tqdm(range(0, len(todo), bs), desc="qwen2.5-vl", disable=not progress):
+            idx = todo[start:start + bs]
+            results = self.caption_batch([rows[i] for i in idx])
+            cache.put_many([{"key": keys[i], "local": loc, "global": glo} for i, (loc, glo) in zip(idx, results)])
+        return [(cache.entries[k]["local"], cache.entries[k]["global"]) for k in keys]

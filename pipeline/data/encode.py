@@ -1,0 +1,60 @@
+"""The encode stage: triplets + captions -> safetensors shards of latents and prompt embeddings, so that
+training never runs the VAE or the text encoders per step (pipeline.data.shards has the format)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from pipeline.data.images import load_manifest, read_images, read_masks
+from pipeline.data.shards import write_shard
+from pipeline.models import inpaint
+from pipeline.models.world import encode_prompts
+
+
+def shard_rows(df: pd.DataFrame, index: int, count: int) -> pd.DataFrame:
+    """Deterministic subset ``index`` of ``count``: rows ordered by id, every count-th one."""
+    if not 0 <= index < count:
+        raise ValueError(f"--shard: index {index} is out of range for {count} shards")
+    return df.sort_values("id").iloc[index::count]
+
+
+def joined(triplets_dir: Path, captions_dir: Path) -> pd.DataFrame:
+    trip = load_manifest(Path(triplets_dir) / "manifest.parquet")
+    caps = pd.read_parquet(Path(captions_dir) / "captions.parquet")[["id", "local_prompt", "global_prompt"]]
+    df = trip.drop(columns=[c for c in ("local_prompt", "global_prompt") if c in trip]).merge(caps, on="id", how="left")
+    missing = df[df["local_prompt"].isna() | df["global_prompt"].isna()]
+    if len(missing):
+        raise ValueError(f"{captions_dir}/captions.parquet: no caption for ids {list(missing['id'][:5])}"
+                         f" ({len(missing)} rows)")
+    return df
+
+
+@torch.no_grad()
+def encode_rows(pipe, df: pd.DataFrame, image_size: int, max_sequence_length: int) -> dict[str, torch.Tensor]:
+    images, masks = read_images(df["image"], image_size), read_masks(df["mask"], image_size)
+    latents = inpaint.encode(pipe.vae, images)
+    masked = inpaint.encode(pipe.vae, inpaint.masked_image(images, masks))
+    pe, pp = encode_prompts(pipe, list(df["local_prompt"]), max_sequence_length)
+    ge, gp = encode_prompts(pipe, list(df["global_prompt"]), max_sequence_length)
+    return {"latents": latents, "masked_latents": masked, "mask": inpaint.latent_mask(masks, latents.shape[-2:]),
+            "prompt_embeds": pe, "pooled_prompt_embeds": pp,
+            "global_prompt_embeds": ge, "global_pooled_prompt_embeds": gp}
+
+
+def encode_dataset(pipe, df: pd.DataFrame, out: Path, image_size: int, max_sequence_length: int,
+                   shard: tuple[int, int] = (0, 1), batch: int = 256) -> dict[str, int]:
+    index, count = shard
+    counts = {}
+    for split, part in df.groupby("split"):
+        rows = shard_rows(part, index, count)
+        chunks = [encode_rows(pipe, rows.iloc[i:i + batch], image_size, max_sequence_length)
+                  for i in tqdm(range(0, len(rows), batch), desc=f"encode {split}", leave=False)]
+        tensors = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]} if chunks else {}
+        if tensors:
+            write_shard(Path(out) / split, index, count, list(rows["id"]), tensors)
+        counts[split] = len(rows)
+    return counts

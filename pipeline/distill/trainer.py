@@ -1,0 +1,168 @@
+"""Stage 1 (labelled triplets, tri-level loss) and stage 2 (unlabelled masked images, L_distill + L_af).
+
+Stage 2 is unsupervised by construction: its batches are built by ``unlabelled_batch``, which keeps no
+clean-image target, and its loss never calls ``flow.target``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from diffusers import SD3ControlNetModel
+
+from pipeline.config import Config, StageConfig
+from pipeline.data.shards import load_split
+from pipeline.distill.losses import af_loss, check_weights, distill_loss, task_loss
+from pipeline.foundation.teacher import TEACHER_CONVENTION
+from pipeline.foundation.vae import save_atomic
+from pipeline.models import flow, inpaint
+from pipeline.models.controlled import Controlled
+from pipeline.models.mapping import af_pairs, skipped_blocks, unused_layers
+from pipeline.models.student import controlnet_from_backbone
+from pipeline.models.world import load_foundation
+from pipeline.training import Loop
+
+STUDENT_CONVENTION = "interval"
+Stage = Literal["stage1", "stage2"]
+SPLIT_OF = {"stage1": "labelled", "stage2": "unlabelled"}
+
+
+def stage_data(encoded_dir: Path, stage: Stage, prompt: str) -> dict[str, torch.Tensor]:
+    """The tensors a stage trains on. Stage 2 gets the image latents only to noise them."""
+    p = "" if prompt == "local" else "global_"
+    keys = ("latents", "masked_latents", "mask", f"{p}prompt_embeds", f"{p}pooled_prompt_embeds")
+    _, t = load_split(encoded_dir, SPLIT_OF[stage], keys)
+    return {"latents": t["latents"], "control": inpaint.control_input(t["masked_latents"], t["mask"]),
+            "mask": t["mask"], "prompt_embeds": t[f"{p}prompt_embeds"],
+            "pooled_prompt_embeds": t[f"{p}pooled_prompt_embeds"]}
+
+
+@dataclass
+class Inputs:
+    """What both ControlNets and the backbone see: no clean image, no target."""
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+    prompt_embeds: torch.Tensor
+    pooled: torch.Tensor
+    control: torch.Tensor
+    weighting: torch.Tensor
+
+
+def unlabelled_batch(batch: dict, train_sched, cfg: Config, gen) -> Inputs:
+    s = flow.add_noise(batch["latents"], train_sched, cfg.scheduler, gen)
+    return Inputs(s.noisy, s.timesteps, batch["prompt_embeds"], batch["pooled_prompt_embeds"], batch["control"],
+                  s.weighting)
+
+
+def labelled_batch(batch: dict, train_sched, cfg: Config, gen) -> tuple[Inputs, torch.Tensor, torch.Tensor]:
+    """Inputs plus the flow-matching target and the latent hole mask (for L_task)."""
+    x0 = batch["latents"]
+    s = flow.add_noise(x0, train_sched, cfg.scheduler, gen)
+    inputs = Inputs(s.noisy, s.timesteps, batch["prompt_embeds"], batch["pooled_prompt_embeds"], batch["control"],
+                    s.weighting)
+    return inputs, flow.target(s, x0), batch["mask"]
+
+
+class DistillLoss:
+    """Callable for pipeline.training.Loop: one forward of teacher (no grad) and student, the terms."""
+
+    def __init__(self, cfg: Config, stage: Stage, stage_cfg: StageConfig, backbone, teacher, student):
+        self.cfg, self.stage = cfg, stage
+        self.weights = stage_cfg.loss.model_dump()
+        check_weights(self.weights)
+        self.supervised = stage == "stage1" and self.weights["task"] > 0
+        self.uses_teacher = self.weights["distill"] > 0 or self.weights["af"] > 0
+        self.teacher = Controlled(backbone, teacher, TEACHER_CONVENTION) if self.uses_teacher else None
+        self.student = Controlled(backbone, student, STUDENT_CONVENTION)
+        blocks = len(backbone.transformer_blocks)
+        self.pairs = af_pairs(blocks, teacher.config.num_layers, student.config.num_layers,
+                              TEACHER_CONVENTION, STUDENT_CONVENTION, skipped_blocks(backbone))
+        self.train_sched = flow.training_scheduler(cfg.scheduler)
+
+    def __call__(self, model, batch, gen) -> dict[str, torch.Tensor]:
+        if self.supervised:
+            x, tgt, hole = labelled_batch(batch, self.train_sched, self.cfg, gen)
+        else:
+            x = unlabelled_batch(batch, self.train_sched, self.cfg, gen)
+        args = (x.noisy, x.timesteps, x.prompt_embeds, x.pooled)
+        s_res = self.student.control(*args, x.control, controlnet=model)
+        s_pred = self.student.denoise(*args, s_res)
+        terms: dict[str, torch.Tensor] = {}
+        if self.supervised:
+            terms["task"] = task_loss(s_pred, tgt, hole, self.cfg.distill.alpha, x.weighting)
+        if self.uses_teacher:
+            with torch.no_grad():
+                t_res = self.teacher.control(*args, x.control)
+                t_pred = self.teacher.denoise(*args, t_res)
+            terms["distill"] = distill_loss(s_pred, t_pred)
+            terms["af"] = af_loss(s_res, t_res, self.pairs)
+        terms["loss"] = sum(self.weights[k] * v for k, v in terms.items())
+        return terms
+
+
+def build_student(cfg: Config, backbone, init: Path | None) -> SD3ControlNetModel:
+    if init is None:
+        torch.manual_seed(cfg.seed)
+        return controlnet_from_backbone(backbone, cfg.distill.student_layers)
+    return SD3ControlNetModel.from_pretrained(init)
+
+
+def distill(cfg: Config, stage: Stage, *, foundation: Path, teacher: Path, encoded: Path, out: Path,
+            checkpoints: Path, live: Path | None, init: Path | None = None,
+            max_steps_this_run: int | None = None) -> dict:
+    stage_cfg: StageConfig = getattr(cfg.distill, stage)
+    pipe = load_foundation(foundation)
+    backbone = pipe.transformer
+    teacher_model = SD3ControlNetModel.from_pretrained(teacher).eval().requires_grad_(False)
+    student = build_student(cfg, backbone, init)
+    dead = unused_layers(Controlled(backbone, student, STUDENT_CONVENTION).mapping, student.config.num_layers)
+    if dead:
+        print(f"warning: student layers {dead} feed no backbone block (SD3's last block takes no residual)")
+    if cfg.distill.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+        backbone.enable_gradient_checkpointing()
+    loss = DistillLoss(cfg, stage, stage_cfg, backbone, teacher_model, student)
+    data = stage_data(encoded, stage, stage_cfg.prompt)
+    loop = Loop(stage, student, data, loss, stage_cfg.train, cfg.seed + (0 if stage == "stage1" else 1), checkpoints,
+                checkpoint_every=cfg.distill.checkpoint_every, keep_checkpoints=cfg.distill.keep_checkpoints,
+                live_dir=live, gradient_accumulation_steps=cfg.distill.gradient_accumulation_steps,
+                mixed_precision=cfg.distill.mixed_precision, ema_decay=cfg.distill.ema_decay,
+                max_steps_this_run=max_steps_this_run, fingerprint=cfg.model_dump_json(exclude={"evaluate"}))
+    result = loop.run()
+    metrics = {f"{stage}_train_seconds": result.seconds, f"{stage}_samples_per_s": result.samples_per_second,
+               f"{stage}_steps": result.steps, **{f"{stage}_final_{k}": v for k, v in result.last.items()}}
+    if result.steps == stage_cfg.train.steps:
+        save_atomic(loop.model.eval(), out)
+        write_model_card(out, cfg, stage, metrics, loss.pairs)
+    return metrics
+
+
+def write_model_card(out: Path, cfg: Config, stage: Stage, metrics: dict, pairs) -> None:
+    stage_cfg: StageConfig = getattr(cfg.distill, stage)
+    n = cfg.distill.student_layers
+    text = f"""---
+library_name: diffusers
+tags: [controlnet, sd3, inpainting, distillation, refine-control]
+---
+# REFINE-CONTROL student ({n} layers, after {stage})
+
+A {n}-layer SD3 inpainting ControlNet distilled from a {cfg.teacher.num_layers}-layer teacher with
+REFINE-CONTROL (arXiv 2509.22139) by the refine-control pipeline. Initialised from the backbone's first
+{n} joint blocks; {'stage 1: labelled triplets, tri-level loss' if stage == 'stage1' else
+'stage 1 then stage 2: unlabelled masked images, L_distill + L_af'}.
+
+- loss weights: {json.dumps(stage_cfg.loss.model_dump())}, alpha (hole weight) = {cfg.distill.alpha}
+- prompts: {stage_cfg.prompt}; steps: {stage_cfg.train.steps}, batch {stage_cfg.train.batch_size},
+  lr {stage_cfg.train.lr}
+- feature-alignment pairs (student layer -> teacher layers): {pairs}
+- residual injection: block i <- layer i * {n} // num_blocks (diffusers' own rule for this depth), so the
+  stock `StableDiffusion3ControlNetInpaintingPipeline` runs it unchanged.
+
+Training figures: {json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()})}.
+Evaluation metrics, when computed, are in the pipeline's metrics/ folder (reports/report.md).
+"""
+    (Path(out) / "README.md").write_text(text)

@@ -1,0 +1,52 @@
+"""Train the 23-layer SD3 inpainting ControlNet (the teacher) on the frozen backbone, with the stock
+pipeline's control input and the 1:1 layer-to-block mapping the alimama teacher was trained with."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pipeline.config import Config
+from pipeline.foundation.backbone import drop_prompts, flow_loss
+from pipeline.foundation.data import TRAIN_SPLITS, encode_in_batches, pixels, scenes
+from pipeline.foundation.vae import save_atomic
+from pipeline.models import flow, inpaint
+from pipeline.models.controlled import Controlled
+from pipeline.models.student import controlnet_from_backbone
+from pipeline.models.world import encode_prompts, load_foundation
+from pipeline.training import Loop
+
+TEACHER_CONVENTION = "one_to_one"
+
+
+def train_teacher(cfg: Config, scenes_dir: Path, foundation_dir: Path, out: Path, checkpoints: Path,
+                  live: Path | None) -> dict:
+    pipe = load_foundation(foundation_dir)
+    df = scenes(scenes_dir, TRAIN_SPLITS)
+    images, masks = pixels(df, cfg.data.image_size)
+    enc = encode_in_batches(pipe.vae, images, masks)
+    embeds, pooled = encode_prompts(pipe, list(df["local_prompt"]), cfg.text.max_sequence_length)
+    e0, p0 = encode_prompts(pipe, [""], cfg.text.max_sequence_length)
+    empty = {"prompt_embeds": e0[0], "pooled_prompt_embeds": p0[0]}
+    data = {"latents": enc["latents"], "control": inpaint.control_input(enc["masked_latents"], enc["hole"]),
+            "prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+    torch.manual_seed(cfg.seed)
+    teacher = controlnet_from_backbone(pipe.transformer, cfg.teacher.num_layers)
+    ctrl = Controlled(pipe.transformer, teacher, TEACHER_CONVENTION)
+    train_sched = flow.training_scheduler(cfg.scheduler)
+
+    def loss_fn(model, batch, gen):
+        x0 = batch["latents"]
+        s = flow.add_noise(x0, train_sched, cfg.scheduler, gen)
+        pe, pp = drop_prompts(batch, cfg.teacher.prompt_dropout, gen, empty)
+        res = ctrl.control(s.noisy, s.timesteps, pe, pp, batch["control"], controlnet=model)
+        pred = ctrl.denoise(s.noisy, s.timesteps, pe, pp, res)
+        return {"loss": flow_loss(pred, flow.target(s, x0), s.weighting)}
+
+    loop = Loop("teacher", teacher, data, loss_fn, cfg.teacher.train, cfg.seed, checkpoints,
+                checkpoint_every=cfg.distill.checkpoint_every, keep_checkpoints=1, live_dir=live, fingerprint=cfg.model_dump_json())
+    result = loop.run()
+    save_atomic(loop.model.eval(), out)
+    return {"teacher_train_seconds": result.seconds, "teacher_final_loss": result.last.get("loss"),
+            "teacher_samples_per_s": result.samples_per_second}

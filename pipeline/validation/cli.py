@@ -1,0 +1,33 @@
+"""Shared entry point of the stages/validate_*.py gates: exit 1 with the failure message on violation."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pipeline.config import ConfigError, from_dict, load, section
+from pipeline.validation.gates import GatesConfig
+from pipeline.validation.gx import GateError
+
+
+def gate_main(name: str, add_args, run, argv=None) -> int:
+    ap = argparse.ArgumentParser(description=f"Great Expectations gate: {name}")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--out-dir", help="where <gate>.json/.md go (default gates.out_dir)")
+    add_args(ap)
+    args = ap.parse_args(argv)
+    try:
+        cfg = load(args.params) if Path(args.params).exists() else from_dict({})
+        gcfg = section(cfg, "gates", GatesConfig)
+        if args.out_dir:
+            gcfg = gcfg.model_copy(update={"out_dir": args.out_dir})
+        report = run(args, cfg, gcfg)
+    except GateError as exc:
+        print(f"validate_{name}: {exc}", file=sys.stderr)
+        return 1
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"validate_{name}: {exc}", file=sys.stderr)
+        return 2
+    print(f"validate_{name}: passed {report['evaluated']} expectations -> {gcfg.out_dir}/{name}.json")
+    return 0

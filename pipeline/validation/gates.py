@@ -1,0 +1,156 @@
+"""The three data gates: triplet manifest, captions, encoded shards (params section `gates`)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.data.images import load_manifest
+from pipeline.data.synthetic import SPLITS
+from pipeline.validation.gx import Check, run_gate
+
+ENCODED_KEYS = ("latents", "masked_latents", "mask", "prompt_embeds", "pooled_prompt_embeds")
+
+
+class GatesConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    out_dir: str = "metrics/gates"
+    mask_fraction_min: float = Field(0.001, ge=0, le=1)
+    mask_fraction_max: float = Field(0.99, ge=0, le=1)
+    caption_min_chars: int = Field(3, ge=1)
+    caption_max_chars: int = Field(200, ge=1)
+    caption_allowed: str = Field(r"^[A-Za-z0-9 ,.;:'()/&+-]+$", description="regex every prompt must match")
+    require_global: bool = True
+    latent_channels: int = Field(16, ge=1)
+
+
+def _sha(path: str) -> str | None:
+    p = Path(path)
+    return hashlib.sha1(p.read_bytes()).hexdigest() if p.is_file() else None
+
+
+def triplets_gate(manifest: str | Path, cfg: GatesConfig, image_size: int) -> dict:
+    df = load_manifest(manifest)
+    df["image_exists"] = [isinstance(p, str) and Path(p).is_file() for p in df["image"]]
+    df["mask_exists"] = [isinstance(p, str) and Path(p).is_file() for p in df["mask"]]
+    df["image_sha1"] = [_sha(p) if isinstance(p, str) else None for p in df["image"]]
+    df["splits_sharing_image"] = df.groupby("image_sha1")["split"].transform("nunique").fillna(1).astype(int)
+    df["unlabelled_without_prompt"] = (df["split"] != "unlabelled") | df["local_prompt"].isna()
+    c = "triplets"
+    checks = [Check(c, "ExpectColumnValuesToNotBeNull", {"column": k}, "non-null paths and keys")
+              for k in ("id", "split", "image", "mask")]
+    checks += [
+        Check(c, "ExpectColumnValuesToBeUnique", {"column": "id"}, "unique ids"),
+        Check(c, "ExpectColumnValuesToBeInSet", {"column": "split", "value_set": list(SPLITS)}, "known splits"),
+        Check(c, "ExpectColumnValuesToBeInSet", {"column": "splits_sharing_image", "value_set": [1]},
+              "disjoint splits: an image (by content) in one split only"),
+        Check(c, "ExpectColumnValuesToBeBetween", {"column": "mask_fraction", "min_value": cfg.mask_fraction_min,
+                                                   "max_value": cfg.mask_fraction_max}, "mask fraction bounds"),
+        Check(c, "ExpectColumnValuesToBeInSet", {"column": "width", "value_set": [image_size]}, "image size"),
+        Check(c, "ExpectColumnValuesToBeInSet", {"column": "height", "value_set": [image_size]}, "image size"),
+        Check(c, "ExpectColumnValuesToBeInSet", {"column": "image_exists", "value_set": [True]}, "image file exists"),
+        Check(c, "ExpectColumnValuesToBeInSet", {"column": "mask_exists", "value_set": [True]}, "mask file exists"),
+        Check(c, "ExpectColumnValuesToBeInSet", {"column": "unlabelled_without_prompt", "value_set": [True]},
+              "the unlabelled pool carries no local prompt"),
+        Check(c, "ExpectTableRowCountToBeBetween", {"min_value": 1}, "not empty"),
+    ]
+    return run_gate("triplets", {c: df}, checks, cfg.out_dir)
+
+
+def captions_gate(captions: str | Path, manifest: str | Path, cfg: GatesConfig) -> dict:
+    cap = pd.read_parquet(captions)
+    man = load_manifest(manifest, resolve=False)
+    cap["in_manifest"] = cap["id"].isin(set(man["id"]))
+    cap["local_differs_from_global"] = cap["global_prompt"].isna() | (cap["local_prompt"] != cap["global_prompt"])
+    c = "captions"
+    checks = [
+        Check(c, "ExpectTableRowCountToEqual", {"value": len(man)}, "one caption per manifest row"),
+        Check(c, "ExpectColumnValuesToBeUnique", {"column": "id"}, "unique ids"),
+        Check(c, "ExpectColumnValuesToBeInSet", {"column": "in_manifest", "value_set": [True]}, "ids from the manifest"),
+        Check(c, "ExpectColumnValuesToNotBeNull", {"column": "local_prompt"}, "every row has a local prompt"),
+        Check(c, "ExpectColumnValuesToBeInSet", {"column": "local_differs_from_global", "value_set": [True]},
+              "local prompt differs from global prompt"),
+    ]
+    for col in ("local_prompt", "global_prompt"):
+        checks += [
+            Check(c, "ExpectColumnValueLengthsToBeBetween",
+                  {"column": col, "min_value": cfg.caption_min_chars, "max_value": cfg.caption_max_chars},
+                  "length bounds (chars)"),
+            Check(c, "ExpectColumnValuesToMatchRegex", {"column": col, "regex": cfg.caption_allowed},
+                  "allowed characters"),
+        ]
+    if cfg.require_global:
+        checks.append(Check(c, "ExpectColumnValuesToNotBeNull", {"column": "global_prompt"}, "global prompt"))
+    return run_gate("captions", {c: cap}, checks, cfg.out_dir)
+
+
+def inspect_shards(encoded: str | Path, manifest: pd.DataFrame, latent_channels: int):
+    """Per-shard and per-split check frames for the encoded data (safetensors shards + index.parquet)."""
+    from safetensors import safe_open
+
+    shard_rows, split_rows = [], []
+    for split_dir in sorted(p for p in Path(encoded).iterdir() if p.is_dir()):
+        split = split_dir.name
+        total, dims = 0, set()
+        for shard in sorted(split_dir.glob("shard-*.safetensors")):
+            row = {"split": split, "shard": shard.name, "rows": 0, "all_finite": True, "shapes_ok": True,
+                   "detail": ""}
+            try:
+                with safe_open(str(shard), "pt") as f:
+                    t = {k: f.get_tensor(k) for k in ENCODED_KEYS if k in f.keys()}
+            except Exception as exc:  # noqa: BLE001
+                row.update(all_finite=False, shapes_ok=False, detail=f"unreadable: {exc}")
+                shard_rows.append(row)
+                continue
+            missing = [k for k in ENCODED_KEYS if k not in t]
+            if missing:
+                row.update(shapes_ok=False, detail=f"missing tensors {missing}")
+            else:
+                n = t["latents"].shape[0]
+                lat = t["latents"].shape
+                problems = []
+                if len(lat) != 4 or lat[1] != latent_channels:
+                    problems.append(f"latents {tuple(lat)} not (N,{latent_channels},h,w)")
+                if t["masked_latents"].shape != lat:
+                    problems.append(f"masked_latents {tuple(t['masked_latents'].shape)} != latents {tuple(lat)}")
+                if len(lat) == 4 and tuple(t["mask"].shape) != (n, 1, *lat[2:]):
+                    problems.append(f"mask {tuple(t['mask'].shape)} not (N,1,h,w)")
+                if t["prompt_embeds"].ndim != 3 or t["pooled_prompt_embeds"].ndim != 2:
+                    problems.append("prompt_embeds not (N,T,D) or pooled not (N,P)")
+                if any(v.shape[0] != n for v in t.values()):
+                    problems.append("tensors disagree on N")
+                dims.add((tuple(lat[1:]), tuple(t["prompt_embeds"].shape[1:]), tuple(t["pooled_prompt_embeds"].shape[1:])))
+                bad = [k for k, v in t.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+                row.update(rows=n, all_finite=not bad, shapes_ok=not problems,
+                           detail="; ".join(problems + ([f"non-finite: {bad}"] if bad else [])))
+                total += n
+            shard_rows.append(row)
+        index = split_dir / "index.parquet"
+        ids = list(pd.read_parquet(index)["id"]) if index.exists() else []
+        want = list(manifest.loc[manifest["split"] == split, "id"])
+        split_rows.append({"split": split, "encoded_rows": total, "index_rows": len(ids), "manifest_rows": len(want),
+                           "count_matches_manifest": total == len(ids) == len(want),
+                           "ids_match_manifest": sorted(ids) == sorted(want),
+                           "dims_consistent": len(dims) <= 1})
+    return pd.DataFrame(shard_rows), pd.DataFrame(split_rows)
+
+
+def encoded_gate(encoded: str | Path, manifest: str | Path, cfg: GatesConfig) -> dict:
+    shards, splits = inspect_shards(encoded, load_manifest(manifest, resolve=False), cfg.latent_channels)
+    checks = [
+        Check("shards", "ExpectTableRowCountToBeBetween", {"min_value": 1}, "at least one shard"),
+        Check("shards", "ExpectColumnValuesToBeInSet", {"column": "all_finite", "value_set": [True]}, "finite values"),
+        Check("shards", "ExpectColumnValuesToBeInSet", {"column": "shapes_ok", "value_set": [True]}, "tensor shapes"),
+        Check("splits", "ExpectColumnValuesToBeInSet", {"column": "count_matches_manifest", "value_set": [True]},
+              "rows in shards == index == manifest"),
+        Check("splits", "ExpectColumnValuesToBeInSet", {"column": "ids_match_manifest", "value_set": [True]},
+              "index ids == manifest ids"),
+        Check("splits", "ExpectColumnValuesToBeInSet", {"column": "dims_consistent", "value_set": [True]},
+              "same dims in every shard"),
+    ]
+    if shards.empty:
+        shards = pd.DataFrame(columns=["split", "shard", "rows", "all_finite", "shapes_ok", "detail"])
+    return run_gate("encoded", {"shards": shards, "splits": splits}, checks, cfg.out_dir)

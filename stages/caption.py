@@ -1,0 +1,36 @@
+"""DVC stage `caption`: data/triplets -> data/captions/captions.parquet (params: caption)."""
+
+import argparse
+import sys
+from pathlib import Path
+
+from pipeline import paths
+from pipeline.captions.config import CaptionConfig
+from pipeline.captions.run import caption_manifest
+from pipeline.config import ConfigError, from_dict, load, section
+from pipeline.data.triplets import parse_shard
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--manifest", default=str(paths.TRIPLETS / "manifest.parquet"))
+    ap.add_argument("--out", default=str(paths.CAPTIONS / "captions.parquet"))
+    ap.add_argument("--shard", help="i/N: caption a deterministic subset (by id hash)")
+    ap.add_argument("--backend", choices=["annotations", "caption_noise", "qwen2_5_vl"])
+    args = ap.parse_args(argv)
+    try:
+        cfg = load(args.params) if Path(args.params).exists() else from_dict({})
+        ccfg = section(cfg, "caption", CaptionConfig)
+        if args.backend:
+            ccfg = ccfg.model_copy(update={"backend": args.backend})
+        df = caption_manifest(args.manifest, ccfg, args.out, parse_shard(args.shard))
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        print(f"caption: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.out}: {len(df)} captions " + str(df["caption_source"].value_counts().to_dict()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""DVC stages `stage1` and `stage2`: REFINE-CONTROL distillation.
+
+    python -m stages.distill stage1   # labelled triplets, tri-level loss -> models/student_stage1
+    python -m stages.distill stage2   # unlabelled masked images, L_distill + L_af -> models/student
+A killed run resumes from its last checkpoint (checkpoints/<stage>) when re-run.
+"""
+
+import argparse
+
+from pipeline import paths
+from pipeline.config import load
+from pipeline.distill.trainer import distill
+from pipeline.metrics_io import write_json
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("stage", choices=["stage1", "stage2"])
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args(argv)
+    cfg = load(args.params)
+    out, init = ((paths.STUDENT_STAGE1, None) if args.stage == "stage1" else (paths.STUDENT, paths.STUDENT_STAGE1))
+    m = distill(cfg, args.stage, foundation=paths.FOUNDATION, teacher=paths.TEACHER, encoded=paths.ENCODED, out=out,
+                checkpoints=paths.CHECKPOINTS / args.stage, live=paths.DVCLIVE / args.stage, init=init)
+    write_json(paths.METRICS / "distill" / f"{args.stage}.json", m)
+    print(m)
+
+
+if __name__ == "__main__":
+    main()

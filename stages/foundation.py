@@ -1,0 +1,23 @@
+"""DVC stage `foundation`: tokenizer, CLIP encoders and the 24-block backbone -> models/foundation
+(an SD3 pipeline folder with the VAE from models/vae)."""
+
+import argparse
+
+from pipeline import paths
+from pipeline.config import load
+from pipeline.foundation.backbone import train_backbone
+from pipeline.metrics_io import write_json
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", default="params.yaml")
+    cfg = load(ap.parse_args(argv).params)
+    m = train_backbone(cfg, paths.SCENES, paths.FOUNDATION_VAE, paths.FOUNDATION, paths.CHECKPOINTS / "backbone",
+                       paths.DVCLIVE / "backbone")
+    write_json(paths.METRICS / "foundation" / "backbone.json", m)
+    print(m)
+
+
+if __name__ == "__main__":
+    main()

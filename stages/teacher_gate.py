@@ -1,0 +1,27 @@
+"""DVC stage `teacher_gate`: teacher vs backbone-alone inpainting on the test split; fails when the
+teacher does not clearly beat the baseline (the world would be too weak to distil from)."""
+
+import argparse
+import sys
+
+from pipeline import paths
+from pipeline.config import load
+from pipeline.foundation.gates import MIN_GAIN_DB, teacher_gate
+from pipeline.metrics_io import write_json
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", default="params.yaml")
+    cfg = load(ap.parse_args(argv).params)
+    m = teacher_gate(cfg, paths.SCENES, paths.FOUNDATION, paths.TEACHER)
+    write_json(paths.METRICS / "foundation" / "teacher_gate.json", m)
+    print(m)
+    if not m["passed"]:
+        sys.exit(f"teacher_gate: the teacher gains {m['teacher_gain_psnr_db']:.2f} dB whole-image PSNR over the "
+                 f"backbone alone (needs >= {MIN_GAIN_DB}) and masked PSNR {m['teacher_psnr_masked']:.2f} vs "
+                 f"{m['backbone_only_psnr_masked']:.2f}: the tiny world is too weak to distil from")
+
+
+if __name__ == "__main__":
+    main()

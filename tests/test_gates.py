@@ -1,0 +1,84 @@
+"""Great Expectations gates: pass on good data; a broken manifest / captions / shard fails readably."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from pipeline.validation.gates import GatesConfig, captions_gate, encoded_gate, triplets_gate
+from pipeline.validation.gx import GateError
+from stages.validate_triplets import main as validate_triplets_main
+from tests.conftest_data import build_tiny
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gates")
+    build_tiny(root)
+    return root
+
+
+def test_good_data_passes(data, tmp_path):
+    g = GatesConfig(out_dir=str(tmp_path))
+    assert triplets_gate(data / "triplets/manifest.parquet", g, 32)["success"]
+    assert captions_gate(data / "captions/captions.parquet", data / "triplets/manifest.parquet", g)["success"]
+    report = json.loads((tmp_path / "triplets.json").read_text())
+    assert report["success"] and report["failed"] == 0 and (tmp_path / "triplets.md").exists()
+
+
+def test_broken_manifest_fails_with_readable_message(data, tmp_path, capsys):
+    m = pd.read_parquet(data / "triplets/manifest.parquet")
+    m.loc[2, "id"] = m.loc[1, "id"]          # duplicate id
+    m.loc[4, "mask_fraction"] = 1.0          # mask covers everything
+    m.loc[5, "image"] = None                 # null path
+    m.to_parquet(data / "triplets/broken.parquet", index=False)
+    rc = validate_triplets_main(["--params", str(tmp_path / "none.yaml"), "--manifest",
+                                 str(data / "triplets/broken.parquet"), "--out-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "gate 'triplets' failed" in err
+    assert "expect_column_values_to_be_unique(id)" in err and m.loc[1, "id"] in err
+    assert "expect_column_values_to_be_between(mask_fraction" in err and "e.g." in err
+    assert "expect_column_values_to_not_be_null(image)" in err
+    md = (tmp_path / "triplets.md").read_text()
+    assert "FAILED" in md and "**FAIL**" in md
+
+
+def test_broken_captions(data, tmp_path):
+    c = pd.read_parquet(data / "captions/captions.parquet")
+    c.loc[0, "local_prompt"] = c.loc[0, "global_prompt"]
+    c.loc[1, "local_prompt"] = ""
+    c.to_parquet(tmp_path / "c.parquet", index=False)
+    with pytest.raises(GateError, match="local_differs_from_global") as exc:
+        captions_gate(tmp_path / "c.parquet", data / "triplets/manifest.parquet", GatesConfig(out_dir=str(tmp_path)))
+    assert "expect_column_value_lengths_to_be_between(local_prompt" in str(exc.value)
+
+
+def _write_encoded(root, manifest, nan=False, channels=16):
+    for split, ids in manifest.groupby("split")["id"]:
+        d = root / split
+        d.mkdir(parents=True)
+        n = len(ids)
+        t = {"latents": torch.randn(n, channels, 16, 16), "masked_latents": torch.randn(n, channels, 16, 16),
+             "mask": torch.ones(n, 1, 16, 16), "prompt_embeds": torch.randn(n, 24, 32),
+             "pooled_prompt_embeds": torch.randn(n, 64)}
+        if nan and split == "val":
+            t["latents"][0, 0, 0, 0] = float("nan")
+        save_file(t, str(d / "shard-00000.safetensors"))
+        pd.DataFrame({"id": list(ids)}).to_parquet(d / "index.parquet", index=False)
+
+
+def test_encoded_gate(data, tmp_path):
+    m = pd.read_parquet(data / "triplets/manifest.parquet")
+    g = GatesConfig(out_dir=str(tmp_path / "g"))
+    _write_encoded(tmp_path / "ok", m)
+    assert encoded_gate(tmp_path / "ok", data / "triplets/manifest.parquet", g)["success"]
+    _write_encoded(tmp_path / "bad", m, nan=True)
+    (tmp_path / "bad/test/index.parquet").unlink()
+    with pytest.raises(GateError) as exc:
+        encoded_gate(tmp_path / "bad", data / "triplets/manifest.parquet", g)
+    msg = str(exc.value)
+    assert "all_finite" in msg and "non-finite: ['latents']" in msg and "shard-00000" in msg
+    assert "count_matches_manifest" in msg and "'split': 'test'" in msg
