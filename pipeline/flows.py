@@ -550,10 +550,14 @@ def apply_parameters(workspace: str | Path = ".", profile: str | None = None,
             apply_profile = None
         if apply_profile is not None:
             apply_profile(profile, root)
-        else:
-            from pipeline.config import load_raw
-            with modify_yaml(params) as doc:
-                _merge_into(doc, load_raw(root / "configs" / f"{profile}.yaml"))
+        elif profile not in ("default", "params"):
+            from pipeline.config import ConfigError, load_raw
+            path = root / "configs" / f"{profile}.yaml"
+            if not path.exists():
+                known = sorted(p.stem for p in (root / "configs").glob("*.yaml"))
+                raise ConfigError(f"profile {profile!r}: {path} not found; known profiles: {['default', *known]}")
+            with modify_yaml(params) as doc:       # like `python -m pipeline.profile use`, comments kept
+                _merge_into(doc, load_raw(path))
     if overrides:
         with modify_yaml(params) as doc:
             _merge_into(doc, _nested(overrides))

@@ -223,6 +223,7 @@ def test_transient_failure_is_retried(harness, project):
     assert (project / ".tried").exists() and (project / "data/x.txt").read_text() == "x"
 
 
+@pytest.mark.slow   # a second Dask cluster start (~14 s)
 def test_sharded_stage_fans_out_and_is_committed_to_dvc(harness, project):
     write = "import os,sys; i=int(sys.argv[1]); os.makedirs(sys.argv[2], exist_ok=True); open(os.path.join(sys.argv[2], 'part-%d.txt' % i),'w').write(str(i))"
     spec = yaml.safe_load((project / "dvc.yaml").read_text())
@@ -235,3 +236,14 @@ def test_sharded_stage_fans_out_and_is_committed_to_dvc(harness, project):
     assert [r["stage"] for r in results] == ["prepare", "encode"] and not results[1]["skipped"]
     assert sorted(p.name for p in (project / "data/enc").iterdir()) == ["part-0.txt", "part-1.txt"]
     assert flows.dvc_stage_is_current("encode", project)          # dvc.lock records the merged output
+
+
+def test_profile_applied_and_unknown_profile_named(tmp_path):
+    root = _make_project(tmp_path / "p")
+    (root / "configs").mkdir()
+    (root / "configs" / "smoke.yaml").write_text("train:\n  steps: 1\n")
+    record = flows.apply_parameters(root, "smoke", {"fail": "none"})
+    assert yaml.safe_load((root / "params.yaml").read_text())["train"]["steps"] == 1
+    assert record["profile"] == "smoke" and "train.steps" in record["params_diff_vs_head"]
+    with pytest.raises(ValueError, match=r"profile 'nope'.*known profiles: \['default', 'smoke'\]"):
+        flows.apply_parameters(root, "nope")

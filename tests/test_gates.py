@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from pipeline.validation.gates import GatesConfig, captions_gate, encoded_gate, triplets_gate
 from pipeline.validation.gx import GateError
 from stages.validate_triplets import main as validate_triplets_main
-from tests.conftest_data import build_tiny
+from tests.helpers_data import build_tiny
 
 
 @pytest.fixture(scope="module")

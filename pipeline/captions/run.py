@@ -40,6 +40,7 @@ def caption_rows(rows: list[dict], cfg: CaptionConfig, progress: bool = True) ->
 def caption_manifest(manifest: str | Path, cfg: CaptionConfig, out: str | Path,
                      shard: tuple[int, int] = (0, 1), progress: bool = True) -> pd.DataFrame:
     """Caption every row of a triplet manifest (or one shard of it, by id hash); writes `out` atomically."""
+    Path(cfg.qwen.cache_dir).mkdir(parents=True, exist_ok=True)  # a DVC `persist` out: exists for every backend
     df = load_manifest(manifest)
     rows = [r for r in df.to_dict("records") if in_shard(r["id"], shard)]
     result = caption_rows(rows, cfg, progress)

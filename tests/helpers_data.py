@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from pipeline.captions.config import CaptionConfig
+from pipeline.captions.config import CaptionConfig, QwenConfig
 from pipeline.captions.run import caption_manifest
 from pipeline.config import from_dict
 from pipeline.data.synthetic import generate_scenes
@@ -16,6 +16,7 @@ def build_tiny(root: Path):
     generate_scenes(cfg.data, cfg.seed, root / "scenes", progress=False)
     rows = load_input(TripletsConfig(), root / "scenes" / "manifest.parquet")
     build_triplets(rows, TripletsConfig(), cfg.data.image_size, root / "triplets", progress=False)
-    caption_manifest(root / "triplets" / "manifest.parquet", CaptionConfig(), root / "captions" / "captions.parquet",
+    ccfg = CaptionConfig(qwen=QwenConfig(cache_dir=str(root / "caption_cache")))
+    caption_manifest(root / "triplets" / "manifest.parquet", ccfg, root / "captions" / "captions.parquet",
                      progress=False)
     return cfg

@@ -1,0 +1,98 @@
+"""caption stage: annotations = generator prompts, caption_noise, shard union, cache/resume, Qwen2.5-VL plumbing."""
+
+import pandas as pd
+import pytest
+
+from pipeline.captions.cache import CaptionCache
+from pipeline.captions.config import CaptionConfig, QwenConfig
+from pipeline.captions.run import caption_manifest
+from stages.caption import main as caption_main
+from tests.helpers_data import build_tiny
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cap")
+    build_tiny(root)
+    return root
+
+
+def test_annotations_match_generator_for_all_splits(data):
+    cap = pd.read_parquet(data / "captions/captions.parquet")
+    scenes = pd.read_parquet(data / "scenes/manifest.parquet")
+    m = cap.merge(scenes, on="id", suffixes=("", "_scene"))
+    assert len(m) == len(scenes) and set(cap["split"]) == {"labelled", "unlabelled", "val", "test"}
+    assert (m["local_prompt"] == m["local_prompt_scene"]).all()  # unlabelled included: prompts written here
+    assert (m["global_prompt"] == m["global_prompt_scene"]).all()
+    assert (cap["caption_source"] == "annotations").all()
+
+
+def test_caption_noise(data, tmp_path):
+    clean = pd.read_parquet(data / "captions/captions.parquet")
+    cfg = CaptionConfig(backend="caption_noise", noise_fraction=0.5, noise_seed=1,
+                        qwen=QwenConfig(cache_dir=str(tmp_path / "cache")))
+    a = caption_manifest(data / "triplets/manifest.parquet", cfg, tmp_path / "a.parquet", progress=False)
+    b = caption_manifest(data / "triplets/manifest.parquet", cfg, tmp_path / "b.parquet", progress=False)
+    pd.testing.assert_frame_equal(a, b)
+    noisy = a["caption_source"] == "caption_noise"
+    assert 0 < noisy.sum() < len(a)
+    assert (a.loc[noisy, "local_prompt"] != clean.loc[noisy, "local_prompt"]).all()
+    assert (a.loc[~noisy, "local_prompt"] == clean.loc[~noisy, "local_prompt"]).all()
+
+
+def test_shard_union_equals_unsharded(data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default cache dir (data/caption_cache) is created under the cwd
+    full = pd.read_parquet(data / "captions/captions.parquet")
+    parts = []
+    for i in range(3):
+        out = tmp_path / f"c{i}.parquet"
+        assert caption_main(["--params", str(tmp_path / "none.yaml"), "--manifest",
+                             str(data / "triplets/manifest.parquet"), "--out", str(out), "--shard", f"{i}/3"]) == 0
+        parts.append(pd.read_parquet(out))
+    union = pd.concat(parts).sort_values("id").reset_index(drop=True)
+    pd.testing.assert_frame_equal(union, full.sort_values("id").reset_index(drop=True))
+
+
+def test_cache_survives_a_cut_line(tmp_path):
+    c = CaptionCache(tmp_path / "c.jsonl")
+    c.put_many([{"key": "k1", "local": "a", "global": "b"}])
+    with (tmp_path / "c.jsonl").open("a") as f:
+        f.write('{"key": "k2", "loc')  # killed mid-write
+    c2 = CaptionCache(tmp_path / "c.jsonl")
+    assert set(c2.entries) == {"k1"}
+    c2.put_many([{"key": "k3", "local": "x", "global": "y"}])
+    assert set(CaptionCache(tmp_path / "c.jsonl").entries) == {"k1", "k3"}
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from tests.qwen_tiny import build_tiny_qwen
+    return build_tiny_qwen(tmp_path_factory.mktemp("qwen") / "tiny-qwen2.5-vl")
+
+
+def test_qwen_plumbing_cache_and_resume(data, tiny_qwen, tmp_path, monkeypatch):
+    from pipeline.captions import qwen
+
+    calls = []
+    real = qwen.QwenCaptioner.caption_batch
+    monkeypatch.setattr(qwen.QwenCaptioner, "caption_batch", lambda self, rows: calls.append(len(rows)) or real(self, rows))
+    qcfg = QwenConfig(model=str(tiny_qwen), vlm_image_size=56, batch_size=4, max_new_tokens=4,
+                      cache_dir=str(tmp_path / "cache"))
+    cfg = CaptionConfig(backend="qwen2_5_vl", qwen=qcfg)
+    manifest = pd.read_parquet(data / "triplets/manifest.parquet")
+    first = manifest.head(5)
+    first.to_parquet(data / "triplets/first5.parquet", index=False)
+    a = caption_manifest(data / "triplets/first5.parquet", cfg, tmp_path / "a.parquet", progress=False)
+    assert len(a) == 5 and (a["caption_source"] == "qwen2_5_vl").all() and sum(calls) == 5
+    assert a["local_prompt"].map(lambda s: isinstance(s, str)).all()
+    # resume: a larger run only captions the rows not yet cached
+    calls.clear()
+    b = caption_manifest(data / "triplets/manifest.parquet", cfg, tmp_path / "b.parquet", progress=False)
+    assert sum(calls) == len(manifest) - 5
+    pd.testing.assert_frame_equal(b.head(5), a)
+    # a different template is a different cache key
+    calls.clear()
+    cfg2 = CaptionConfig(backend="qwen2_5_vl", qwen=qcfg.model_copy(update={"local_template": "What is here?"}))
+    caption_manifest(data / "triplets/first5.parquet", cfg2, tmp_path / "c.parquet", progress=False)
+    assert sum(calls) == 5
