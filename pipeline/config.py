@@ -121,6 +121,9 @@ class BackboneConfig(_Strict):
 class TeacherConfig(_Strict):
     num_layers: int = Field(23, ge=1)
     prompt_dropout: float = Field(0.1, ge=0, lt=1)
+    # teacher_gate: whole-image PSNR gain (dB) over the backbone alone that the teacher must reach;
+    # null = report only (the smoke profile, whose teacher trains for a few steps).
+    gate_min_gain_db: float | None = 1.0
     train: TrainLoop = TrainLoop(steps=600, batch_size=32, lr=5e-4, warmup_steps=50)
 
 
@@ -154,6 +157,7 @@ class DistillConfig(_Strict):
     gradient_accumulation_steps: int = Field(1, ge=1)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = False
+    optimizer: Literal["adamw", "adamw8bit"] = Field("adamw", description="adamw8bit: bitsandbytes' AdamW8bit (CUDA)")
     ema_decay: float | None = Field(None, gt=0, lt=1)
     checkpoint_every: int = Field(50, ge=1)
     keep_checkpoints: int = Field(2, ge=1)

@@ -336,7 +336,8 @@ def shard_task(command: str, index: int, num_shards: int, out: str, workspace: s
 
 def merge_shards(shard_dirs: Iterable[str | Path], out: str | Path) -> list[Path]:
     """Union of the shard folders into ``out``: distinct files are copied; a file name present in several
-    shards is concatenated when it is a table (.parquet, .csv, .jsonl) and is an error otherwise."""
+    shards is concatenated when it is a table (.parquet, .csv, .jsonl) and is an error otherwise. Parquet
+    tables with an ``id`` column are ordered by id (the order the sharded stages write unsharded)."""
     import pandas as pd
 
     out = Path(out)
@@ -353,7 +354,11 @@ def merge_shards(shard_dirs: Iterable[str | Path], out: str | Path) -> list[Path
         if len(files) == 1:
             shutil.copy2(files[0], dest)
         elif rel.suffix == ".parquet":
-            pd.concat([pd.read_parquet(f) for f in files], ignore_index=True).to_parquet(dest, index=False)
+            parts = [pd.read_parquet(f) for f in files]
+            table = pd.concat(parts, ignore_index=True)
+            if all("id" in p.columns for p in parts):   # keyed tables: rows ordered by id, as unsharded
+                table = table.sort_values("id", kind="stable").reset_index(drop=True)
+            table.to_parquet(dest, index=False)
         elif rel.suffix in {".jsonl", ".csv"}:
             with dest.open("w") as fh:
                 for i, f in enumerate(files):

@@ -11,6 +11,7 @@ import argparse
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -56,8 +57,8 @@ def make_workspace(name: str, dest: Path, base: Path = ROOT / "params.yaml") -> 
             shutil.copy2(src, target)
     write_params(merged(name, base), dest / "params.yaml")
     if not (dest / ".dvc").exists():
-        subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=dest, check=True)
-        subprocess.run(["dvc", "config", "core.analytics", "false"], cwd=dest, check=True)
+        subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=dest, check=True)
+        subprocess.run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], cwd=dest, check=True)
     return dest
 
 

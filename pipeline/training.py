@@ -79,6 +79,7 @@ class Loop:
     max_steps_this_run: int | None = None  # stop early (for tests that simulate a kill)
     on_start: Callable[[Accelerator], None] | None = None
     fingerprint: str = ""  # what the checkpoints were made from; others are discarded, not resumed
+    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes)
 
     def run(self) -> LoopResult:
         acc = Accelerator(
@@ -91,7 +92,7 @@ class Loop:
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise ValueError(f"{self.name}: the model has no trainable parameters")
-        opt = torch.optim.AdamW(params, lr=self.train.lr, weight_decay=self.train.weight_decay)
+        opt = make_optimizer(self.optimizer, params, self.train.lr, self.train.weight_decay)
         warm = max(1, self.train.warmup_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
         model, opt, sched = acc.prepare(self.model, opt, sched)
@@ -162,6 +163,19 @@ class Loop:
         ran = end - start
         return LoopResult(end, seconds, ran * self.train.batch_size * self.gradient_accumulation_steps
                           / max(seconds, 1e-9), last)
+
+
+def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise RuntimeError("distill.optimizer: adamw8bit needs bitsandbytes (pip install bitsandbytes; "
+                               "a CUDA GPU); or set distill.optimizer: adamw") from None
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; known: adamw, adamw8bit")
 
 
 def _length(data: dict[str, torch.Tensor]) -> int:

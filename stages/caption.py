@@ -15,7 +15,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--manifest", default=str(paths.TRIPLETS / "manifest.parquet"))
-    ap.add_argument("--out", default=str(paths.CAPTIONS / "captions.parquet"))
+    ap.add_argument("--out", default=str(paths.CAPTIONS / "captions.parquet"),
+                    help="the captions file, or a folder to write captions.parquet into (what the flows' "
+                         "sharded runs pass: --shard {shard} --out {out})")
     ap.add_argument("--shard", help="i/N: caption a deterministic subset (by id hash)")
     ap.add_argument("--backend", choices=["annotations", "caption_noise", "qwen2_5_vl"])
     args = ap.parse_args(argv)
@@ -24,11 +26,14 @@ def main(argv=None) -> int:
         ccfg = section(cfg, "caption", CaptionConfig)
         if args.backend:
             ccfg = ccfg.model_copy(update={"backend": args.backend})
-        df = caption_manifest(args.manifest, ccfg, args.out, parse_shard(args.shard))
+        out = Path(args.out)
+        if out.is_dir() or out.suffix != ".parquet":
+            out = out / "captions.parquet"
+        df = caption_manifest(args.manifest, ccfg, out, parse_shard(args.shard))
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"caption: {exc}", file=sys.stderr)
         return 2
-    print(f"{args.out}: {len(df)} captions " + str(df["caption_source"].value_counts().to_dict()))
+    print(f"{out}: {len(df)} captions " + str(df["caption_source"].value_counts().to_dict()))
     return 0
 
 

@@ -6,6 +6,7 @@ import shutil
 from pipeline import paths
 from pipeline.config import load
 from pipeline.data.encode import encode_dataset, joined
+from pipeline.data.triplets import parse_shard
 from pipeline.metrics_io import write_json
 from pipeline.models.world import load_foundation
 
@@ -17,15 +18,18 @@ def main(argv=None) -> None:
     ap.add_argument("--shard", default="0/1", help="i/N: encode the i-th of N deterministic subsets")
     args = ap.parse_args(argv)
     cfg = load(args.params)
-    i, n = (int(x) for x in args.shard.split("/"))
+    i, n = parse_shard(args.shard)
     if n == 1:
         shutil.rmtree(args.out, ignore_errors=True)  # a full run replaces every shard
     pipe = load_foundation(paths.FOUNDATION)
-    counts = encode_dataset(pipe, joined(paths.TRIPLETS, paths.CAPTIONS), args.out, cfg.data.image_size,
-                            cfg.text.max_sequence_length, (i, n))
-    if n == 1:
-        write_json(paths.METRICS / "encode.json", {"rows": counts})
-    print(counts)
+    df = joined(paths.TRIPLETS, paths.CAPTIONS)
+    counts = encode_dataset(pipe, df, args.out, cfg.data.image_size, cfg.text.max_sequence_length, (i, n))
+    if i == 0:
+        # the rows of the whole dataset, as an unsharded run writes them (the union of the N shards holds
+        # exactly these; validate_encoded checks it). One shard writes it, so parallel shards never race.
+        write_json(paths.METRICS / "encode.json",
+                   {"rows": {str(k): int(v) for k, v in df.groupby("split").size().items()}})
+    print(f"shard {i}/{n}: {counts}")
 
 
 if __name__ == "__main__":

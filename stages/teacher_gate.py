@@ -6,7 +6,7 @@ import sys
 
 from pipeline import paths
 from pipeline.config import load
-from pipeline.foundation.gates import MIN_GAIN_DB, teacher_gate
+from pipeline.foundation.gates import teacher_gate
 from pipeline.metrics_io import write_json
 
 
@@ -19,7 +19,7 @@ def main(argv=None) -> None:
     print(m)
     if not m["passed"]:
         sys.exit(f"teacher_gate: the teacher gains {m['teacher_gain_psnr_db']:.2f} dB whole-image PSNR over the "
-                 f"backbone alone (needs >= {MIN_GAIN_DB}) and masked PSNR {m['teacher_psnr_masked']:.2f} vs "
+                 f"backbone alone (needs >= {m['required_gain_db']}) and masked PSNR {m['teacher_psnr_masked']:.2f} vs "
                  f"{m['backbone_only_psnr_masked']:.2f}: the tiny world is too weak to distil from")
 
 

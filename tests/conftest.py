@@ -12,6 +12,9 @@ import yaml
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DVC_IGNORE_ISATTY", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
+# The micro models gain nothing from a second thread, and two torch processes each spinning two threads on
+# two cores slow each other down many times over (tests beside a training run, or beside each other).
+torch.set_num_threads(int(os.environ.get("TEST_TORCH_THREADS", "1")))
 
 MICRO = {
     "seed": 0,

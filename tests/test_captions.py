@@ -53,6 +53,27 @@ def test_shard_union_equals_unsharded(data, tmp_path, monkeypatch):
     pd.testing.assert_frame_equal(union, full.sort_values("id").reset_index(drop=True))
 
 
+
+def test_flows_sharded_caption_merges_to_the_unsharded_file(data, tmp_path, monkeypatch):
+    """As pipeline.flows runs `flows.sharded.caption`: `--shard {shard} --out {out}` with {out} a fresh
+    folder per shard, then merge_shards; the merged captions.parquet equals the unsharded one as is."""
+    from pipeline.flows import merge_shards, shard_dir
+
+    monkeypatch.chdir(tmp_path)
+    args = ["--params", str(tmp_path / "none.yaml"), "--manifest", str(data / "triplets/manifest.parquet")]
+    assert caption_main(args + ["--out", "full"]) == 0
+    full = pd.read_parquet("full/captions.parquet")
+    assert list(full["id"]) == sorted(full["id"])
+    command = "--shard {shard} --out {out}"
+    for i in range(2):
+        d = shard_dir("data/captions", i)
+        d.mkdir(parents=True)
+        argv = command.format(shard=f"{i}/2", out=str(d)).split()
+        assert caption_main(args + argv) == 0
+        assert [f.name for f in d.iterdir()] == ["captions.parquet"]
+    merge_shards([shard_dir("data/captions", i) for i in range(2)], "data/captions")
+    pd.testing.assert_frame_equal(pd.read_parquet("data/captions/captions.parquet"), full)
+
 def test_cache_survives_a_cut_line(tmp_path):
     c = CaptionCache(tmp_path / "c.jsonl")
     c.put_many([{"key": "k1", "local": "a", "global": "b"}])

@@ -5,8 +5,9 @@ import json
 import pandas as pd
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
+from pipeline.data.shards import load_split, write_shard
 from pipeline.validation.gates import GatesConfig, captions_gate, encoded_gate, triplets_gate
 from pipeline.validation.gx import GateError
 from stages.validate_triplets import main as validate_triplets_main
@@ -56,18 +57,20 @@ def test_broken_captions(data, tmp_path):
     assert "expect_column_value_lengths_to_be_between(local_prompt" in str(exc.value)
 
 
-def _write_encoded(root, manifest, nan=False, channels=16):
+def _write_encoded(root, manifest, nan=False, channels=16, num_shards=2):
+    """Encoded shards in the real format (pipeline.data.shards.write_shard), random values."""
     for split, ids in manifest.groupby("split")["id"]:
-        d = root / split
-        d.mkdir(parents=True)
-        n = len(ids)
-        t = {"latents": torch.randn(n, channels, 16, 16), "masked_latents": torch.randn(n, channels, 16, 16),
-             "mask": torch.ones(n, 1, 16, 16), "prompt_embeds": torch.randn(n, 24, 32),
-             "pooled_prompt_embeds": torch.randn(n, 64)}
-        if nan and split == "val":
-            t["latents"][0, 0, 0, 0] = float("nan")
-        save_file(t, str(d / "shard-00000.safetensors"))
-        pd.DataFrame({"id": list(ids)}).to_parquet(d / "index.parquet", index=False)
+        ids = sorted(ids)
+        for i in range(num_shards):
+            part = ids[i::num_shards]
+            n = len(part)
+            t = {"latents": torch.randn(n, channels, 16, 16), "masked_latents": torch.randn(n, channels, 16, 16),
+                 "mask": torch.ones(n, 1, 16, 16), "prompt_embeds": torch.randn(n, 24, 32),
+                 "pooled_prompt_embeds": torch.randn(n, 64), "global_prompt_embeds": torch.randn(n, 24, 32),
+                 "global_pooled_prompt_embeds": torch.randn(n, 64)}
+            if nan and split == "val" and i == 0:
+                t["latents"][0, 0, 0, 0] = float("nan")
+            write_shard(root / split, i, num_shards, part, t)
 
 
 def test_encoded_gate(data, tmp_path):
@@ -75,10 +78,38 @@ def test_encoded_gate(data, tmp_path):
     g = GatesConfig(out_dir=str(tmp_path / "g"))
     _write_encoded(tmp_path / "ok", m)
     assert encoded_gate(tmp_path / "ok", data / "triplets/manifest.parquet", g)["success"]
+    assert load_split(tmp_path / "ok", "val")[0] == sorted(m.loc[m["split"] == "val", "id"])
     _write_encoded(tmp_path / "bad", m, nan=True)
-    (tmp_path / "bad/test/index.parquet").unlink()
+    # count mismatch: one id dropped from a shard's id file of `test`
+    idx = tmp_path / "bad/test/shard-00001-of-00002.parquet"
+    pd.read_parquet(idx).iloc[1:].to_parquet(idx, index=False)
+    # wrong shape: a shard of `labelled` whose mask is not at latent size
+    d = tmp_path / "bad/labelled"
+    name = "shard-00000-of-00002.safetensors"
+    t = load_file(str(d / name))
+    t["mask"] = torch.ones(len(t["mask"]), 1, 8, 8)
+    save_file(t, str(d / name))
     with pytest.raises(GateError) as exc:
         encoded_gate(tmp_path / "bad", data / "triplets/manifest.parquet", g)
     msg = str(exc.value)
-    assert "all_finite" in msg and "non-finite: ['latents']" in msg and "shard-00000" in msg
+    assert "all_finite" in msg and "non-finite: ['latents']" in msg and "'split': 'val'" in msg
+    assert "shard-00000-of-00002.safetensors" in msg
+    assert "shapes_ok" in msg and "mask (" in msg and "not (N,1,h,w)" in msg
+    assert "ids_match_rows" in msg and "lists" in msg and "ids for" in msg
     assert "count_matches_manifest" in msg and "'split': 'test'" in msg
+
+
+def test_encoded_gate_missing_split_and_stale_shards(data, tmp_path):
+    m = pd.read_parquet(data / "triplets/manifest.parquet")
+    g = GatesConfig(out_dir=str(tmp_path / "g"))
+    _write_encoded(tmp_path / "enc", m)
+    for f in (tmp_path / "enc/val").iterdir():   # a split the manifest has, never encoded
+        f.unlink()
+    _write_encoded(tmp_path / "other", m[m["split"] == "test"], num_shards=1)   # stale shard of another N
+    for f in (tmp_path / "other/test").iterdir():
+        f.rename(tmp_path / "enc/test" / f.name)
+    with pytest.raises(GateError) as exc:
+        encoded_gate(tmp_path / "enc", data / "triplets/manifest.parquet", g)
+    msg = str(exc.value)
+    assert "'split': 'val'" in msg and "'encoded_rows': 0" in msg
+    assert "one_shard_count" in msg and "unique_ids" in msg

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 
@@ -38,10 +39,14 @@ class CaptionCache:
     def put_many(self, records: list[dict]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         cut = self.path.exists() and self.path.stat().st_size and not self.path.read_bytes().endswith(b"\n")
-        with self.path.open("a") as f:
-            if cut:
-                f.write("\n")
-            for rec in records:
-                f.write(json.dumps(rec) + "\n")
-                self.entries[rec["key"]] = rec
+        data = ("\n" if cut else "") + "".join(json.dumps(rec) + "\n" for rec in records)
+        # one O_APPEND write: shards captioning in parallel (``--shard i/N``) share the cache file, and a
+        # single append of whole lines does not interleave with theirs
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, data.encode())
+        finally:
+            os.close(fd)
+        for rec in records:
+            self.entries[rec["key"]] = rec
 

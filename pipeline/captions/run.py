@@ -39,11 +39,14 @@ def caption_rows(rows: list[dict], cfg: CaptionConfig, progress: bool = True) ->
 
 def caption_manifest(manifest: str | Path, cfg: CaptionConfig, out: str | Path,
                      shard: tuple[int, int] = (0, 1), progress: bool = True) -> pd.DataFrame:
-    """Caption every row of a triplet manifest (or one shard of it, by id hash); writes `out` atomically."""
+    """Caption every row of a triplet manifest (or one shard of it, by id hash); writes `out` atomically,
+    rows ordered by id."""
     Path(cfg.qwen.cache_dir).mkdir(parents=True, exist_ok=True)  # a DVC `persist` out: exists for every backend
     df = load_manifest(manifest)
     rows = [r for r in df.to_dict("records") if in_shard(r["id"], shard)]
-    result = caption_rows(rows, cfg, progress)
+    # rows ordered by id: the shards' outputs, concatenated and ordered by id (pipeline.flows.merge_shards),
+    # equal the unsharded output
+    result = caption_rows(rows, cfg, progress).sort_values("id", kind="stable").reset_index(drop=True)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")

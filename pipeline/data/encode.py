@@ -35,11 +35,15 @@ def joined(triplets_dir: Path, captions_dir: Path) -> pd.DataFrame:
 
 @torch.no_grad()
 def encode_rows(pipe, df: pd.DataFrame, image_size: int, max_sequence_length: int) -> dict[str, torch.Tensor]:
-    images, masks = read_images(df["image"], image_size), read_masks(df["mask"], image_size)
+    """Read the rows' PNGs and encode them with the pipe's VAE and text encoders (on the pipe's device;
+    the tensors come back there)."""
+    device = pipe.vae.device
+    images = read_images(df["image"], image_size).to(device)
+    masks = read_masks(df["mask"], image_size).to(device)
     latents = inpaint.encode(pipe.vae, images)
     masked = inpaint.encode(pipe.vae, inpaint.masked_image(images, masks))
-    pe, pp = encode_prompts(pipe, list(df["local_prompt"]), max_sequence_length)
-    ge, gp = encode_prompts(pipe, list(df["global_prompt"]), max_sequence_length)
+    pe, pp = encode_prompts(pipe, list(df["local_prompt"]), max_sequence_length, device)
+    ge, gp = encode_prompts(pipe, list(df["global_prompt"]), max_sequence_length, device)
     return {"latents": latents, "masked_latents": masked, "mask": inpaint.latent_mask(masks, latents.shape[-2:]),
             "prompt_embeds": pe, "pooled_prompt_embeds": pp,
             "global_prompt_embeds": ge, "global_pooled_prompt_embeds": gp}
@@ -51,7 +55,8 @@ def encode_dataset(pipe, df: pd.DataFrame, out: Path, image_size: int, max_seque
     counts = {}
     for split, part in df.groupby("split"):
         rows = shard_rows(part, index, count)
-        chunks = [encode_rows(pipe, rows.iloc[i:i + batch], image_size, max_sequence_length)
+        chunks = [{k: v.cpu() for k, v in encode_rows(pipe, rows.iloc[i:i + batch], image_size,
+                                                        max_sequence_length).items()}
                   for i in tqdm(range(0, len(rows), batch), desc=f"encode {split}", leave=False)]
         tensors = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]} if chunks else {}
         if tensors:

@@ -115,7 +115,7 @@ def distill(cfg: Config, stage: Stage, *, foundation: Path, teacher: Path, encod
             checkpoints: Path, live: Path | None, init: Path | None = None,
             max_steps_this_run: int | None = None) -> dict:
     stage_cfg: StageConfig = getattr(cfg.distill, stage)
-    pipe = load_foundation(foundation)
+    pipe = load_foundation(foundation, with_t5=False)  # prompts come embedded from the encode stage
     backbone = pipe.transformer
     teacher_model = SD3ControlNetModel.from_pretrained(teacher).eval().requires_grad_(False)
     student = build_student(cfg, backbone, init)
@@ -127,11 +127,18 @@ def distill(cfg: Config, stage: Stage, *, foundation: Path, teacher: Path, encod
         backbone.enable_gradient_checkpointing()
     loss = DistillLoss(cfg, stage, stage_cfg, backbone, teacher_model, student)
     data = stage_data(encoded, stage, stage_cfg.prompt)
+
+    def place_frozen(acc):  # the frozen models follow the student onto the accelerator's device (GPU)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.distill.mixed_precision, torch.float32)
+        backbone.to(acc.device, dtype)
+        teacher_model.to(acc.device, dtype)
+
     loop = Loop(stage, student, data, loss, stage_cfg.train, cfg.seed + (0 if stage == "stage1" else 1), checkpoints,
                 checkpoint_every=cfg.distill.checkpoint_every, keep_checkpoints=cfg.distill.keep_checkpoints,
                 live_dir=live, gradient_accumulation_steps=cfg.distill.gradient_accumulation_steps,
                 mixed_precision=cfg.distill.mixed_precision, ema_decay=cfg.distill.ema_decay,
-                max_steps_this_run=max_steps_this_run, fingerprint=cfg.model_dump_json(exclude={"evaluate"}))
+                max_steps_this_run=max_steps_this_run, on_start=place_frozen,
+                optimizer=cfg.distill.optimizer, fingerprint=cfg.model_dump_json(exclude={"evaluate"}))
     result = loop.run()
     metrics = {f"{stage}_train_seconds": result.seconds, f"{stage}_samples_per_s": result.samples_per_second,
                f"{stage}_steps": result.steps, **{f"{stage}_final_{k}": v for k, v in result.last.items()}}

@@ -44,7 +44,7 @@ def latent_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def encode(vae, pixels: torch.Tensor) -> torch.Tensor:
     """Pixels in [-1, 1] -> shifted, scaled latents. The posterior's mode (the pipeline samples; our VAEs
     are trained to a near-zero posterior variance, so the two agree to within noise)."""
-    latents = vae.encode(pixels.to(vae.dtype)).latent_dist.mode()
+    latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
     return (latents - vae.config.shift_factor) * vae.config.scaling_factor
 
 

@@ -151,19 +151,31 @@ def text_pipeline(components: dict) -> StableDiffusion3Pipeline:
 
 
 @torch.no_grad()
-def encode_prompts(text_pipe: StableDiffusion3Pipeline, prompts: list[str], max_sequence_length: int):
+def encode_prompts(text_pipe: StableDiffusion3Pipeline, prompts: list[str], max_sequence_length: int,
+                   device: torch.device | str = "cpu"):
     """(prompt_embeds, pooled_prompt_embeds) exactly as the stock SD3 pipelines compute them."""
     embeds, _, pooled, _ = text_pipe.encode_prompt(
         prompt=list(prompts), prompt_2=None, prompt_3=None, do_classifier_free_guidance=False,
-        max_sequence_length=max_sequence_length, device=torch.device("cpu"),
+        max_sequence_length=max_sequence_length, device=torch.device(device),
     )
     return embeds, pooled
 
 
-def load_foundation(path, dtype=torch.float32) -> StableDiffusion3Pipeline:
-    """The frozen foundation as an SD3 pipeline (T5 absent). Models in eval mode, without grad."""
-    pipe = StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None, dtype=dtype)
-    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
-        getattr(pipe, name).eval().requires_grad_(False)
+def load_foundation(path, dtype=torch.float32, with_t5: bool | None = None) -> StableDiffusion3Pipeline:
+    """The frozen foundation as an SD3 pipeline. Models in eval mode, without grad.
+
+    ``with_t5``: None = load T5 (text_encoder_3 / tokenizer_3) when the folder ships one (the pretrained SD3
+    profile: encode, evaluation and gates then embed prompts as the stock pipeline does); False = never
+    (training, which reads cached embeddings). The tiny world ships none."""
+    import json
+    from pathlib import Path
+
+    index = json.loads((Path(path) / "model_index.json").read_text())
+    has_t5 = bool((index.get("text_encoder_3") or [None])[0])
+    kw = {} if (has_t5 and with_t5 is not False) else {"text_encoder_3": None, "tokenizer_3": None}
+    pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=dtype, **kw)
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        if getattr(pipe, name, None) is not None:
+            getattr(pipe, name).eval().requires_grad_(False)
     pipe.set_progress_bar_config(disable=True)
     return pipe

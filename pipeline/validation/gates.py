@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.data.images import load_manifest
+from pipeline.data.shards import TENSOR_KEYS
 from pipeline.data.synthetic import SPLITS
 from pipeline.validation.gx import Check, run_gate
 
-ENCODED_KEYS = ("latents", "masked_latents", "mask", "prompt_embeds", "pooled_prompt_embeds")
 
 
 class GatesConfig(BaseModel):
@@ -87,54 +88,91 @@ def captions_gate(captions: str | Path, manifest: str | Path, cfg: GatesConfig) 
     return run_gate("captions", {c: cap}, checks, cfg.out_dir)
 
 
+def _check_shapes(t: dict, latent_channels: int) -> list[str]:
+    n = t["latents"].shape[0]
+    lat = tuple(t["latents"].shape)
+    problems = []
+    if len(lat) != 4 or lat[1] != latent_channels:
+        problems.append(f"latents {lat} not (N,{latent_channels},h,w)")
+    if tuple(t["masked_latents"].shape) != lat:
+        problems.append(f"masked_latents {tuple(t['masked_latents'].shape)} != latents {lat}")
+    if len(lat) == 4 and tuple(t["mask"].shape) != (n, 1, *lat[2:]):
+        problems.append(f"mask {tuple(t['mask'].shape)} not (N,1,h,w) = {(n, 1, *lat[2:])}")
+    for p in ("", "global_"):
+        e, pooled = t[f"{p}prompt_embeds"], t[f"{p}pooled_prompt_embeds"]
+        if e.ndim != 3 or pooled.ndim != 2:
+            problems.append(f"{p}prompt_embeds {tuple(e.shape)} not (N,T,D) or {p}pooled_prompt_embeds "
+                            f"{tuple(pooled.shape)} not (N,P)")
+    if t["global_prompt_embeds"].shape[1:] != t["prompt_embeds"].shape[1:]:
+        problems.append("global_prompt_embeds and prompt_embeds differ in shape")
+    wrong_n = {k: v.shape[0] for k, v in t.items() if v.shape[0] != n}
+    if wrong_n:
+        problems.append(f"tensors disagree on N (latents {n}): {wrong_n}")
+    return problems
+
+
 def inspect_shards(encoded: str | Path, manifest: pd.DataFrame, latent_channels: int):
-    """Per-shard and per-split check frames for the encoded data (safetensors shards + index.parquet)."""
+    """Per-shard and per-split check frames for the encoded data, in the format of pipeline.data.shards:
+    <split>/shard-XXXXX-of-YYYYY.safetensors with the row ids in the sibling .parquet of the same name.
+    Every split of the manifest is expected; a split folder the manifest lacks fails too."""
     from safetensors import safe_open
 
+    encoded = Path(encoded)
+    if not encoded.is_dir():
+        raise FileNotFoundError(f"{encoded}: no encoded data (run the encode stage)")
+    on_disk = {p.name for p in encoded.iterdir() if p.is_dir() and not p.name.startswith(".")}
     shard_rows, split_rows = [], []
-    for split_dir in sorted(p for p in Path(encoded).iterdir() if p.is_dir()):
-        split = split_dir.name
-        total, dims = 0, set()
+    for split in sorted(on_disk | set(manifest["split"].dropna())):
+        split_dir = encoded / split
+        total, dims, ids, of = 0, set(), [], set()
         for shard in sorted(split_dir.glob("shard-*.safetensors")):
-            row = {"split": split, "shard": shard.name, "rows": 0, "all_finite": True, "shapes_ok": True,
-                   "detail": ""}
+            row = {"split": split, "shard": shard.name, "rows": 0, "id_rows": 0, "all_finite": True,
+                   "shapes_ok": True, "ids_match_rows": True, "detail": ""}
+            m = re.fullmatch(r"shard-(\d+)-of-(\d+)\.safetensors", shard.name)
+            if m:
+                of.add(int(m.group(2)))
+            problems = [] if m else ["name is not shard-XXXXX-of-YYYYY.safetensors"]
+            index = shard.with_suffix(".parquet")
+            try:
+                shard_ids = list(pd.read_parquet(index)["id"])
+            except Exception as exc:  # noqa: BLE001 - missing or unreadable id file
+                shard_ids = []
+                row["ids_match_rows"] = False
+                problems.append(f"ids: {index.name} unreadable ({type(exc).__name__}: {exc})")
+            ids += shard_ids
             try:
                 with safe_open(str(shard), "pt") as f:
-                    t = {k: f.get_tensor(k) for k in ENCODED_KEYS if k in f.keys()}
+                    t = {k: f.get_tensor(k) for k in TENSOR_KEYS if k in f.keys()}
             except Exception as exc:  # noqa: BLE001
-                row.update(all_finite=False, shapes_ok=False, detail=f"unreadable: {exc}")
+                row.update(all_finite=False, shapes_ok=False, ids_match_rows=False,
+                           detail="; ".join(problems + [f"unreadable: {exc}"]))
                 shard_rows.append(row)
                 continue
-            missing = [k for k in ENCODED_KEYS if k not in t]
+            missing = [k for k in TENSOR_KEYS if k not in t]
             if missing:
-                row.update(shapes_ok=False, detail=f"missing tensors {missing}")
+                row.update(shapes_ok=False, ids_match_rows=False)
+                problems.append(f"missing tensors {missing}")
             else:
                 n = t["latents"].shape[0]
-                lat = t["latents"].shape
-                problems = []
-                if len(lat) != 4 or lat[1] != latent_channels:
-                    problems.append(f"latents {tuple(lat)} not (N,{latent_channels},h,w)")
-                if t["masked_latents"].shape != lat:
-                    problems.append(f"masked_latents {tuple(t['masked_latents'].shape)} != latents {tuple(lat)}")
-                if len(lat) == 4 and tuple(t["mask"].shape) != (n, 1, *lat[2:]):
-                    problems.append(f"mask {tuple(t['mask'].shape)} not (N,1,h,w)")
-                if t["prompt_embeds"].ndim != 3 or t["pooled_prompt_embeds"].ndim != 2:
-                    problems.append("prompt_embeds not (N,T,D) or pooled not (N,P)")
-                if any(v.shape[0] != n for v in t.values()):
-                    problems.append("tensors disagree on N")
-                dims.add((tuple(lat[1:]), tuple(t["prompt_embeds"].shape[1:]), tuple(t["pooled_prompt_embeds"].shape[1:])))
+                shape_problems = _check_shapes(t, latent_channels)
+                dims.add(tuple(tuple(v.shape[1:]) for v in t.values()))
                 bad = [k for k, v in t.items() if v.is_floating_point() and not bool(v.isfinite().all())]
-                row.update(rows=n, all_finite=not bad, shapes_ok=not problems,
-                           detail="; ".join(problems + ([f"non-finite: {bad}"] if bad else [])))
+                if row["ids_match_rows"] and len(shard_ids) != n:
+                    row["ids_match_rows"] = False
+                    problems.append(f"{index.name} lists {len(shard_ids)} ids for {n} tensor rows")
+                problems += shape_problems + ([f"non-finite: {bad}"] if bad else [])
+                row.update(rows=n, all_finite=not bad, shapes_ok=not shape_problems)
                 total += n
+            row.update(id_rows=len(shard_ids), detail="; ".join(problems))
             shard_rows.append(row)
-        index = split_dir / "index.parquet"
-        ids = list(pd.read_parquet(index)["id"]) if index.exists() else []
         want = list(manifest.loc[manifest["split"] == split, "id"])
-        split_rows.append({"split": split, "encoded_rows": total, "index_rows": len(ids), "manifest_rows": len(want),
+        split_rows.append({"split": split, "encoded_rows": total, "id_rows": len(ids), "manifest_rows": len(want),
                            "count_matches_manifest": total == len(ids) == len(want),
                            "ids_match_manifest": sorted(ids) == sorted(want),
-                           "dims_consistent": len(dims) <= 1})
+                           "unique_ids": len(set(ids)) == len(ids),
+                           "one_shard_count": len(of) <= 1,
+                           "dims_consistent": len(dims) <= 1,
+                           "shard_counts": ",".join(str(x) for x in sorted(of))})
     return pd.DataFrame(shard_rows), pd.DataFrame(split_rows)
 
 
@@ -144,13 +182,20 @@ def encoded_gate(encoded: str | Path, manifest: str | Path, cfg: GatesConfig) ->
         Check("shards", "ExpectTableRowCountToBeBetween", {"min_value": 1}, "at least one shard"),
         Check("shards", "ExpectColumnValuesToBeInSet", {"column": "all_finite", "value_set": [True]}, "finite values"),
         Check("shards", "ExpectColumnValuesToBeInSet", {"column": "shapes_ok", "value_set": [True]}, "tensor shapes"),
+        Check("shards", "ExpectColumnValuesToBeInSet", {"column": "ids_match_rows", "value_set": [True]},
+              "each shard's .parquet lists one id per tensor row"),
         Check("splits", "ExpectColumnValuesToBeInSet", {"column": "count_matches_manifest", "value_set": [True]},
-              "rows in shards == index == manifest"),
+              "rows in shards == ids in the shards' .parquet == manifest rows, per split"),
         Check("splits", "ExpectColumnValuesToBeInSet", {"column": "ids_match_manifest", "value_set": [True]},
-              "index ids == manifest ids"),
+              "shard ids == manifest ids"),
+        Check("splits", "ExpectColumnValuesToBeInSet", {"column": "unique_ids", "value_set": [True]},
+              "no id in two shards"),
+        Check("splits", "ExpectColumnValuesToBeInSet", {"column": "one_shard_count", "value_set": [True]},
+              "all shards of a split from one --shard i/N run (no stale shards of another N)"),
         Check("splits", "ExpectColumnValuesToBeInSet", {"column": "dims_consistent", "value_set": [True]},
               "same dims in every shard"),
     ]
     if shards.empty:
-        shards = pd.DataFrame(columns=["split", "shard", "rows", "all_finite", "shapes_ok", "detail"])
+        shards = pd.DataFrame(columns=["split", "shard", "rows", "id_rows", "all_finite", "shapes_ok",
+                                       "ids_match_rows", "detail"])
     return run_gate("encoded", {"shards": shards, "splits": splits}, checks, cfg.out_dir)

@@ -1,0 +1,134 @@
+"""The ablation matrix: each variant is trained with pipeline.distill.trainer.distill on its own Config
+(params.yaml deep-merged with the ablation budget and the variant's overrides) and evaluated exactly as
+the `evaluate` stage evaluates the main student (same test images, seed, steps, CFG, conditioning scale).
+
+Variants (params ``ablations.variants``; each ``{two_stage: bool, overrides: {...params...}}``):
+  full          two-stage, tri-level loss (the method)
+  wo_cf         no L_af (the asymmetric feature alignment) in either stage
+  wo_mask       alpha = 0.5: no mask weighting of L_task
+  single_stage  stage 1 only, for the same total steps
+  from_scratch  L_task only, no teacher terms, stage 1 only for the same total steps
+  global_prompt global instead of local prompts in both stages
+  layers_10/15/6 other student depths (6 as a stress point)
+A variant with ``two_stage: false`` trains stage 1 for ``stage1_steps + stage2_steps`` steps.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from pipeline.config import Config, deep_merge, from_dict, section
+
+NO_AF = {"af": 0.0}
+
+
+class Variant(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    two_stage: bool = True
+    overrides: dict = Field(default_factory=dict, description="params deep-merged over the ablation budget")
+
+
+DEFAULT_VARIANTS: dict[str, Variant] = {
+    "full": Variant(),
+    "wo_cf": Variant(overrides={"distill": {"stage1": {"loss": NO_AF}, "stage2": {"loss": NO_AF}}}),
+    "wo_mask": Variant(overrides={"distill": {"alpha": 0.5}}),
+    "single_stage": Variant(two_stage=False),
+    "from_scratch": Variant(two_stage=False,
+                            overrides={"distill": {"stage1": {"loss": {"task": 1.0, "distill": 0.0, "af": 0.0}}}}),
+    "global_prompt": Variant(overrides={"distill": {"stage1": {"prompt": "global"}, "stage2": {"prompt": "global"}}}),
+    "layers_10": Variant(overrides={"distill": {"student_layers": 10}}),
+    "layers_15": Variant(overrides={"distill": {"student_layers": 15}}),
+    "layers_6": Variant(overrides={"distill": {"student_layers": 6}}),
+}
+
+
+class AblationConfig(BaseModel):
+    """params section ``ablations``: a smaller training budget than the main student, so the matrix fits
+    the default profile's time budget. Raise it (and the seeds) with ``dvc exp run -S``."""
+
+    model_config = ConfigDict(extra="forbid")
+    stage1_steps: int = Field(40, ge=1)
+    stage2_steps: int = Field(20, ge=1)
+    batch_size: int = Field(8, ge=1)
+    warmup_steps: int = Field(4, ge=0)
+    headline: list[str] = Field(["full", "from_scratch"], description="variants run at every headline seed")
+    headline_seeds: list[int] = [0, 1, 2]
+    others: list[str] = Field(["wo_cf", "wo_mask", "single_stage", "global_prompt", "layers_10", "layers_15",
+                               "layers_6"], description="variants run at `seeds`")
+    seeds: list[int] = [0]
+    variants: dict[str, Variant] = DEFAULT_VARIANTS
+
+    @model_validator(mode="after")
+    def _check(self):
+        unknown = [v for v in (*self.headline, *self.others) if v not in self.variants]
+        if unknown:
+            raise ValueError(f"unknown variants {unknown}; defined: {sorted(self.variants)}")
+        both = set(self.headline) & set(self.others)
+        if both:
+            raise ValueError(f"variants {sorted(both)} are in both headline and others (one DVC stage each)")
+        return self
+
+    def runs(self) -> list[tuple[str, int]]:
+        """Every (variant, seed) the two matrix stages run, headline first."""
+        return ([(v, s) for v in self.headline for s in self.headline_seeds]
+                + [(v, s) for v in self.others for s in self.seeds])
+
+
+def ablation_config(cfg: Config) -> AblationConfig:
+    return section(cfg, "ablations", AblationConfig)
+
+
+def run_name(variant: str, seed: int) -> str:
+    return f"{variant}-s{seed}"
+
+
+def raw_params(cfg: Config) -> dict:
+    """The Config back as a params dict (module-owned sections at top level), for deep_merge."""
+    return {**cfg.model_dump(mode="json", exclude={"extra"}), **cfg.extra}
+
+
+def variant_config(cfg: Config, variant: str, seed: int) -> tuple[Config, bool]:
+    """(the variant's Config, whether it runs stage 2)."""
+    ab = ablation_config(cfg)
+    if variant not in ab.variants:
+        raise ValueError(f"ablations: unknown variant {variant!r}; known: {sorted(ab.variants)}")
+    v = ab.variants[variant]
+    s1 = ab.stage1_steps + (0 if v.two_stage else ab.stage2_steps)
+    budget = {
+        "seed": seed,
+        "distill": {
+            "stage1": {"train": {"steps": s1, "batch_size": ab.batch_size,
+                                 "warmup_steps": min(ab.warmup_steps, s1 - 1)}},
+            "stage2": {"train": {"steps": ab.stage2_steps, "batch_size": ab.batch_size,
+                                 "warmup_steps": min(ab.warmup_steps, ab.stage2_steps - 1)}},
+        },
+    }
+    raw = deep_merge(deep_merge(raw_params(cfg), budget), v.overrides)
+    return from_dict(raw, f"ablations.variants.{variant}"), v.two_stage
+
+
+def run_ablation(cfg: Config, variant: str, seed: int, *, foundation: Path, teacher: Path, encoded: Path,
+                 df, out_dir: Path, work_dir: Path) -> dict:
+    """Train one variant at one seed into ``out_dir`` and evaluate it against the teacher. ``df``: the
+    test rows (as the evaluate stage reads them). Returns its metrics (training + evaluation)."""
+    from pipeline.distill.trainer import distill
+    from pipeline.evaluation.evaluate import TEACHER, evaluate_models
+    from pipeline.models.world import load_foundation
+
+    vcfg, two_stage = variant_config(cfg, variant, seed)
+    work_dir, out_dir = Path(work_dir), Path(out_dir)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    kw = dict(foundation=foundation, teacher=teacher, encoded=encoded, live=None)
+    s1_out = work_dir / "stage1" if two_stage else out_dir
+    metrics = distill(vcfg, "stage1", out=s1_out, checkpoints=work_dir / "ck1", **kw)
+    if two_stage:
+        metrics.update(distill(vcfg, "stage2", out=out_dir, checkpoints=work_dir / "ck2", init=s1_out, **kw))
+    shutil.rmtree(work_dir, ignore_errors=True)
+    ev, _, _ = evaluate_models(vcfg, load_foundation(foundation), {TEACHER: teacher, variant: out_dir}, df)
+    train_seconds = sum(v for k, v in metrics.items() if k.endswith("_train_seconds"))
+    return {**ev[variant], **metrics, "seed": seed, "two_stage": int(two_stage),
+            "total_steps": vcfg.distill.stage1.train.steps + (vcfg.distill.stage2.train.steps if two_stage else 0),
+            "train_seconds": train_seconds}

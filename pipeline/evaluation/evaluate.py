@@ -1,0 +1,282 @@
+"""Inpainting evaluation on the test split: the teacher, the backbone alone, and every student.
+
+Every model inpaints the same first ``evaluate.num_images`` test images with the same initial noise
+(``evaluate.seed``), steps, CFG and conditioning scale, through pipeline.evaluation.sampler (the stock
+StableDiffusion3ControlNetInpaintingPipeline's conventions; tests/test_sampler.py). Metrics per model:
+
+- ``psnr``/``ssim`` on the whole image, ``*_masked`` on the hole, ``*_unmasked`` outside it (torchmetrics);
+- ``agree_psnr``/``agree_ssim``: the model's output against the teacher's at the same seed (students and
+  the no-control baseline);
+- ``lpips``/``fid``/``cmmd``: only when their weights exist locally (params ``evaluation.*_weights``);
+  otherwise null, with the reason under ``not_computed``. Never estimated.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from diffusers import SD3ControlNetModel
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.config import Config, section
+from pipeline.data.images import read_images, read_masks
+from pipeline.evaluation.quality import psnr, ssim
+from pipeline.evaluation.sampler import inpaint_all
+from pipeline.models import inpaint
+
+TEACHER = "teacher"
+BACKBONE_ONLY = "backbone_only"
+OPTIONAL = ("lpips", "fid", "cmmd")
+
+
+class EvaluationConfig(BaseModel):
+    """params section ``evaluation`` (the sampling settings themselves are ``evaluate``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    num_samples: int = Field(4, ge=0, description="test images saved as PNGs for the report's sample grid")
+    lpips_weights: str | None = Field(None, description="TORCH_HOME holding torchvision's backbone weights "
+                                                        "(hub/checkpoints/*.pth); needs torchvision")
+    lpips_net: str = "alex"
+    fid_weights: str | None = Field(None, description="InceptionV3 FID weights file (pt_inception-2015-12-05); "
+                                                      "needs torch-fidelity")
+    cmmd_weights: str | None = Field(None, description="a local CLIP model folder (CLIPVisionModelWithProjection), "
+                                                       "e.g. openai/clip-vit-large-patch14-336")
+
+
+def evaluation_config(cfg: Config) -> EvaluationConfig:
+    return section(cfg, "evaluation", EvaluationConfig)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def test_rows(df: pd.DataFrame, n: int) -> pd.DataFrame:
+    """The first ``n`` rows of the test split, in manifest order (fixed by the data stages)."""
+    test = df[df["split"] == "test"].reset_index(drop=True)
+    if test.empty:
+        raise ValueError("evaluate: the manifest has no test rows")
+    return test.head(n)
+
+
+def load_pixels(df: pd.DataFrame, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return read_images(df["image"], size), read_masks(df["mask"], size)
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+def convention_of(name: str) -> str:
+    from pipeline.distill.trainer import STUDENT_CONVENTION
+    from pipeline.foundation.teacher import TEACHER_CONVENTION
+
+    return TEACHER_CONVENTION if name == TEACHER else STUDENT_CONVENTION
+
+
+def load_controlnet(path: str | Path | None) -> SD3ControlNetModel | None:
+    if path is None:
+        return None
+    if not (Path(path) / "config.json").exists():
+        raise FileNotFoundError(f"evaluate: no ControlNet at {path} (config.json missing)")
+    return SD3ControlNetModel.from_pretrained(path).eval().requires_grad_(False)
+
+
+def n_params(model) -> int:
+    return 0 if model is None else sum(p.numel() for p in model.parameters())
+
+
+def sample(cfg: Config, pipe, controlnet, name: str, images, masks, prompts) -> torch.Tensor:
+    e = cfg.evaluate
+    return inpaint_all(pipe, controlnet, convention_of(name), images, masks, prompts, batch_size=e.batch_size,
+                       seed=e.seed, num_inference_steps=e.num_inference_steps, guidance_scale=e.guidance_scale,
+                       conditioning_scale=e.conditioning_scale, max_sequence_length=cfg.text.max_sequence_length)
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+def _mean(x: torch.Tensor) -> float:
+    return float(x.double().mean())
+
+
+def quality(pred: torch.Tensor, target: torch.Tensor, hole: torch.Tensor) -> dict[str, float]:
+    keep = 1 - hole
+    out = {"psnr": _mean(psnr(pred, target)), "ssim": _mean(ssim(pred, target)),
+           "psnr_std": float(psnr(pred, target).double().std()) if len(pred) > 1 else 0.0,
+           "psnr_masked": _mean(psnr(pred, target, hole)), "ssim_masked": _mean(ssim(pred, target, hole))}
+    if float(keep.sum()) > 0:
+        out.update(psnr_unmasked=_mean(psnr(pred, target, keep)), ssim_unmasked=_mean(ssim(pred, target, keep)))
+    else:
+        out.update(psnr_unmasked=None, ssim_unmasked=None)
+    return out
+
+
+def agreement(pred: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+    return {"agree_psnr": _mean(psnr(pred, reference)), "agree_ssim": _mean(ssim(pred, reference))}
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return ((x.float() + 1) / 2).clamp(0, 1)
+
+
+@contextmanager
+def _env(key: str, value: str):
+    old = os.environ.get(key)
+    os.environ[key] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
+def _lpips(path: str, net: str, pred, target) -> float:
+    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+    with _env("TORCH_HOME", str(path)):  # torchvision loads the backbone weights from here, never downloads
+        m = LearnedPerceptualImagePatchSimilarity(net_type=net, normalize=True)
+        return float(m(_unit(pred), _unit(target)))
+
+
+def _fid(path: str, pred, target) -> float:
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    m = FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=str(path))
+    m.update(_unit(target), real=True)
+    m.update(_unit(pred), real=False)
+    return float(m.compute())
+
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@torch.no_grad()
+def clip_embeddings(model, images: torch.Tensor) -> torch.Tensor:
+    """L2-normalised CLIP image embeddings of images in [-1, 1] (bicubic resize to the model's size)."""
+    size = model.config.image_size
+    x = torch.nn.functional.interpolate(_unit(images), size=(size, size), mode="bicubic", align_corners=False)
+    x = (x.clamp(0, 1) - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    emb = model(pixel_values=x.to(model.dtype)).image_embeds.double()
+    return emb / emb.norm(dim=-1, keepdim=True)
+
+
+def mmd(x: torch.Tensor, y: torch.Tensor, sigma: float = 10.0, scale: float = 1000.0) -> float:
+    """CMMD's statistic (Jayasumana et al. 2024, google-research/cmmd): Gaussian-RBF MMD^2 times 1000."""
+    gamma = 1 / (2 * sigma**2)
+
+    def k(a, b):
+        d = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T
+        return torch.exp(-gamma * d).mean()
+
+    return float(scale * (k(x, x) + k(y, y) - 2 * k(x, y)))
+
+
+def _cmmd(path: str, pred, target) -> float:
+    from transformers import CLIPVisionModelWithProjection
+
+    model = CLIPVisionModelWithProjection.from_pretrained(path, local_files_only=True).eval()
+    return mmd(clip_embeddings(model, target), clip_embeddings(model, pred))
+
+
+def optional_metrics(ec: EvaluationConfig, pred: torch.Tensor, target: torch.Tensor) -> tuple[dict, dict]:
+    """(values, reasons): a metric whose weights are not present locally is None with a reason."""
+    values: dict[str, float | None] = {}
+    reasons: dict[str, str] = {}
+    for name in OPTIONAL:
+        path = getattr(ec, f"{name}_weights")
+        values[name] = None
+        if path is None:
+            reasons[name] = f"no local weights (params evaluation.{name}_weights is null); never estimated"
+            continue
+        if not Path(path).exists():
+            reasons[name] = f"weights not found at {path}; never estimated"
+            continue
+        try:
+            if name == "lpips":
+                values[name] = _lpips(path, ec.lpips_net, pred, target)
+            elif name == "fid":
+                values[name] = _fid(path, pred, target)
+            else:
+                values[name] = _cmmd(path, pred, target)
+        except ImportError as exc:  # the package that reads the weights is not installed
+            reasons[name] = f"missing package: {exc}"
+    return values, reasons
+
+
+def score(name: str, pred, images, hole, reference, ec: EvaluationConfig) -> dict:
+    m = {"n_images": len(pred), **quality(pred, images, hole)}
+    if reference is not None and name != TEACHER:
+        m.update(agreement(pred, reference))
+    values, reasons = optional_metrics(ec, pred, images)
+    m.update(values)
+    m["not_computed"] = reasons
+    return m
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+
+def evaluate_models(cfg: Config, pipe, models: dict[str, str | Path | None], df: pd.DataFrame,
+                    prompt: str = "local_prompt") -> tuple[dict[str, dict], dict[str, torch.Tensor], dict]:
+    """Inpaint ``df`` (rows with image, mask, prompts) with each model; ``models``: name -> ControlNet
+    folder, or None for the backbone alone. The teacher (when listed) is sampled first and is every other
+    model's agreement reference. Returns (metrics per model, outputs per model, inputs)."""
+    ec = evaluation_config(cfg)
+    images, masks = load_pixels(df, cfg.data.image_size)
+    hole = inpaint.binarise(masks)
+    prompts = list(df[prompt])
+    order = sorted(models, key=lambda n: n != TEACHER)
+    outputs, metrics = {}, {}
+    for name in order:
+        cn = load_controlnet(models[name])
+        t0 = time.perf_counter()
+        outputs[name] = sample(cfg, pipe, cn, name, images, masks, prompts)
+        seconds = time.perf_counter() - t0
+        metrics[name] = score(name, outputs[name], images, hole, outputs.get(TEACHER), ec)
+        metrics[name].update(controlnet_params=n_params(cn),
+                             controlnet_layers=0 if cn is None else int(cn.config.num_layers),
+                             sampling_seconds=seconds)
+    return metrics, outputs, {"images": images, "masks": hole}
+
+
+def to_png(x: torch.Tensor, path: Path) -> None:
+    """One image in [-1, 1] (3, H, W) or a mask in [0, 1] (1, H, W) -> PNG."""
+    arr = x.detach().float()
+    arr = (arr + 1) / 2 if arr.shape[0] == 3 else arr
+    arr = (arr.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(path)
+
+
+def save_samples(outputs: dict[str, torch.Tensor], inputs: dict, n: int, out: Path) -> list[str]:
+    """PNG files ``<i>_<column>.png`` for the report's grid: masked input, mask, ground truth, each model."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.png"):
+        old.unlink()
+    images, masks = inputs["images"], inputs["masks"]
+    masked = inpaint.masked_image(images, masks)
+    written = []
+    for i in range(min(n, len(images))):
+        cols = {"masked_input": masked[i], "mask": masks[i], "ground_truth": images[i],
+                **{k: v[i] for k, v in outputs.items()}}
+        for col, x in cols.items():
+            to_png(x, out / f"{i:02d}_{col}.png")
+            written.append(f"{i:02d}_{col}.png")
+    return written
+
+
+def sample_columns(models: list[str]) -> list[str]:
+    return ["masked_input", "mask", "ground_truth", *models]
+
+
+def np_image(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path))

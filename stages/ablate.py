@@ -1,0 +1,34 @@
+"""DVC matrix stages `ablate_headline` / `ablate`: train one ablation variant at one seed and evaluate it.
+
+    python -m stages.ablate VARIANT SEED   # -> models/ablations/VARIANT-sSEED, metrics/ablations/VARIANT-sSEED.json
+Variants and their budget: params `ablations` (pipeline/evaluation/ablation.py).
+"""
+
+import argparse
+
+from pipeline import paths
+from pipeline.config import load
+from pipeline.data.encode import joined
+from pipeline.evaluation.ablation import run_ablation, run_name
+from pipeline.evaluation.evaluate import test_rows
+from pipeline.metrics_io import write_json
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("variant")
+    ap.add_argument("seed", type=int)
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args(argv)
+    cfg = load(args.params)
+    name = run_name(args.variant, args.seed)
+    df = test_rows(joined(paths.TRIPLETS, paths.CAPTIONS), cfg.evaluate.num_images)
+    m = run_ablation(cfg, args.variant, args.seed, foundation=paths.FOUNDATION, teacher=paths.TEACHER,
+                     encoded=paths.ENCODED, df=df, out_dir=paths.MODELS / "ablations" / name,
+                     work_dir=paths.CHECKPOINTS / "ablations" / name)
+    write_json(paths.METRICS / "ablations" / f"{name}.json", m)
+    print(name, {k: v for k, v in m.items() if k != "not_computed"})
+
+
+if __name__ == "__main__":
+    main()

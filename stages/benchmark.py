@@ -1,0 +1,23 @@
+"""DVC stage `benchmark`: parameters, FLOPs, peak memory and latency of the teacher and each student
+(ControlNet alone and a full denoising step), speedups beside the FLOP-ratio ideal, and training
+samples/s per stage. One process; writes metrics/benchmark.json. A measurement, not a timed test."""
+
+import argparse
+
+from pipeline import paths
+from pipeline.config import load
+from pipeline.evaluation.benchmark import run_benchmark
+from pipeline.metrics_io import write_json
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", default="params.yaml")
+    cfg = load(ap.parse_args(argv).params)
+    m = run_benchmark(cfg, paths.FOUNDATION, {"teacher": paths.TEACHER, "student": paths.STUDENT},
+                      paths.METRICS / "distill")
+    write_json(paths.METRICS / "benchmark.json", m)
+
+
+if __name__ == "__main__":
+    main()
