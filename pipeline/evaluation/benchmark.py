@@ -165,19 +165,22 @@ def run_benchmark(cfg: Config, foundation: Path, models: dict[str, Path], distil
     for n in bc.extra_layers:
         if n not in trained_depths:
             nets[f"layers_{n}"] = controlnet_from_backbone(backbone, n)
-    per_model = {}
-    for name, net in nets.items():
-        net = net.to(device).eval().requires_grad_(False)
-        conv = TEACHER_CONVENTION if name == "teacher" else STUDENT_CONVENTION
-        per_model[name] = measure(Controlled(backbone, net, conv), x, bc, device)
-        print(name, {k: round(v, 3) if isinstance(v, float) else v for k, v in per_model[name].items()})
     args = (x["noisy"], x["timesteps"], x["prompt_embeds"], x["pooled"])
 
     def backbone_step():
         return backbone(hidden_states=args[0], timestep=args[1], encoder_hidden_states=args[2],
                         pooled_projections=args[3], return_dict=False)
 
-    _, method = peak_memory_mb(backbone_step, device)
+    # the baseline first, before any profiler has run in this process
+    base = {"params": n_params(backbone), "step_ms": latency_ms(backbone_step, bc.warmup, bc.repeats),
+            "step_flops": count_flops(backbone_step)}
+    base["step_peak_mb"], method = peak_memory_mb(backbone_step, device)
+    per_model = {}
+    for name, net in nets.items():
+        net = net.to(device).eval().requires_grad_(False)
+        conv = TEACHER_CONVENTION if name == "teacher" else STUDENT_CONVENTION
+        per_model[name] = measure(Controlled(backbone, net, conv), x, bc, device)
+        print(name, {k: round(v, 3) if isinstance(v, float) else v for k, v in per_model[name].items()})
     t = per_model["teacher"]
     for m in per_model.values():
         m["controlnet_speedup"] = t["controlnet_ms"] / m["controlnet_ms"]
@@ -188,8 +191,7 @@ def run_benchmark(cfg: Config, foundation: Path, models: dict[str, Path], distil
     return {
         "device": str(device), "threads": torch.get_num_threads(), "batch_size": bc.batch_size,
         "warmup": bc.warmup, "repeats": bc.repeats, "memory_method": method,
-        "backbone": {"params": n_params(backbone), "step_flops": count_flops(backbone_step),
-                     "step_ms": latency_ms(backbone_step, bc.warmup, bc.repeats)},
+        "backbone": base,
         "models": per_model,
         "training": training_throughput(distill_metrics) if distill_metrics else {},
     }

@@ -207,7 +207,7 @@ def _ablation_table(summary: dict, cfg: Config) -> str:
     for variant in [*ab.headline, *ab.others]:
         a = summary["ablations"].get(variant)
         if a is None:
-            rows.append([variant, "0", *[NA] * 7])
+            rows.append([variant, "not run", *[NA] * 7])
             continue
         rows.append([variant, f(a["n_seeds"], 0), f(a["controlnet_layers"], 0), pm(a["psnr_mean"], a["psnr_std"], 2),
                      pm(a["ssim_mean"], a["ssim_std"], 4), pm(a["psnr_masked_mean"], a["psnr_masked_std"], 2),
@@ -221,14 +221,16 @@ def _efficiency(b: dict | None) -> str:
     if not b:
         return "The benchmark has not run (`metrics/benchmark.json` is missing)."
     rows = []
-    for name, m in b["models"].items():
+    order = sorted(b["models"].items(), key=lambda kv: (kv[0] != "teacher", kv[0] != "student",
+                                                        -kv[1]["controlnet_layers"]))
+    for name, m in order:
         rows.append([name, f(m["controlnet_layers"], 0), f(m["controlnet_params"], 0), sci(m["controlnet_flops"]),
                      f(m["controlnet_ms"]), f(m["controlnet_speedup"]), f(m["controlnet_speedup_ideal"]),
                      sci(m["step_flops"]), f(m["step_ms"]), f(m["step_speedup"]), f(m["step_speedup_ideal"]),
                      f(m["controlnet_peak_mb"]), f(m["step_peak_mb"])])
     bb = b["backbone"]
-    rows.append(["backbone alone", "0", f(bb["params"], 0), NA, NA, NA, NA, sci(bb["step_flops"]), f(bb["step_ms"]),
-                 NA, NA, NA, NA])
+    rows.append([f"backbone alone ({f(bb['params'], 0)} params)", NA, NA, NA, NA, NA, NA, sci(bb["step_flops"]),
+                 f(bb["step_ms"]), NA, NA, NA, f(bb.get("step_peak_mb"))])
     return table(["Model", "Layers", "ControlNet params", "ControlNet FLOPs", "ControlNet ms", "Speedup",
                   "Ideal (FLOP ratio)", "Step FLOPs", "Step ms", "Step speedup", "Step ideal",
                   "ControlNet peak MiB", "Step peak MiB"], rows)
@@ -313,5 +315,19 @@ def build_report(cfg: Config, metrics: Path, out_md: Path, figures_dir: Path, sa
     if (p := figs.loss_curves(dvclive_dir, report_config(cfg).loss_stages, figures_dir / "loss_curves.png")):
         made["Distillation loss curves"] = rel(p)
     Path(out_md).parent.mkdir(parents=True, exist_ok=True)
+    write_frontier_csv(c, summary, Path(out_md).parent / "frontier.csv")
     Path(out_md).write_text(render(cfg, summary, c, made))
     return summary
+
+
+def write_frontier_csv(c: dict, summary: dict, out: Path) -> None:
+    """model, controlnet_params, psnr, ssim: the frontier as data for `dvc plots show/diff` (scatter)."""
+    import csv
+
+    rows = [(n, m.get("controlnet_params"), m["psnr"], m["ssim"]) for n, m in c["eval"].items()]
+    rows += [(f"ablation:{v}", a["controlnet_params"], a["psnr_mean"], a["ssim_mean"])
+             for v, a in summary["ablations"].items()]
+    with open(out, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["model", "controlnet_params", "psnr", "ssim"])
+        w.writerows(rows)
