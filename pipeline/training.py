@@ -78,7 +78,9 @@ class Loop:
     log_every: int = 10
     max_steps_this_run: int | None = None  # stop early (for tests that simulate a kill)
     on_start: Callable[[Accelerator], None] | None = None
-    fingerprint: str = ""  # what the checkpoints were made from; others are discarded, not resumed
+    # The params the loss depends on beyond ``train``; with the data and the initial weights, what the
+    # checkpoints were made from: checkpoints made from anything else are discarded, not resumed.
+    fingerprint: str = ""
     optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes)
 
     def run(self) -> LoopResult:

@@ -138,7 +138,7 @@ def distill(cfg: Config, stage: Stage, *, foundation: Path, teacher: Path, encod
                 live_dir=live, gradient_accumulation_steps=cfg.distill.gradient_accumulation_steps,
                 mixed_precision=cfg.distill.mixed_precision, ema_decay=cfg.distill.ema_decay,
                 max_steps_this_run=max_steps_this_run, on_start=place_frozen,
-                optimizer=cfg.distill.optimizer, fingerprint=cfg.model_dump_json(exclude={"evaluate"}))
+                optimizer=cfg.distill.optimizer, fingerprint=f"{cfg.seed}{cfg.scheduler}{cfg.distill}")
     result = loop.run()
     metrics = {f"{stage}_train_seconds": result.seconds, f"{stage}_samples_per_s": result.samples_per_second,
                f"{stage}_steps": result.steps, **{f"{stage}_final_{k}": v for k, v in result.last.items()}}

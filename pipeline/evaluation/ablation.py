@@ -50,10 +50,10 @@ class AblationConfig(BaseModel):
     the default profile's time budget. Raise it (and the seeds) with ``dvc exp run -S``."""
 
     model_config = ConfigDict(extra="forbid")
-    stage1_steps: int = Field(40, ge=1)
-    stage2_steps: int = Field(20, ge=1)
+    stage1_steps: int = Field(30, ge=1)
+    stage2_steps: int = Field(15, ge=1)
     batch_size: int = Field(8, ge=1)
-    warmup_steps: int = Field(4, ge=0)
+    warmup_steps: int = Field(3, ge=0)
     headline: list[str] = Field(["full", "from_scratch"], description="variants run at every headline seed")
     headline_seeds: list[int] = [0, 1, 2]
     others: list[str] = Field(["wo_cf", "wo_mask", "single_stage", "global_prompt", "layers_10", "layers_15",

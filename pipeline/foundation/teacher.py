@@ -45,7 +45,7 @@ def train_teacher(cfg: Config, scenes_dir: Path, foundation_dir: Path, out: Path
         return {"loss": flow_loss(pred, flow.target(s, x0), s.weighting)}
 
     loop = Loop("teacher", teacher, data, loss_fn, cfg.teacher.train, cfg.seed, checkpoints,
-                checkpoint_every=cfg.distill.checkpoint_every, keep_checkpoints=1, live_dir=live, fingerprint=cfg.model_dump_json(),
+                checkpoint_every=cfg.distill.checkpoint_every, keep_checkpoints=1, live_dir=live, fingerprint=f"{cfg.seed}{cfg.scheduler}{cfg.teacher.prompt_dropout}",
                 on_start=lambda acc: pipe.transformer.to(acc.device))  # the frozen backbone follows the teacher
     result = loop.run()
     save_atomic(loop.model.eval(), out)
