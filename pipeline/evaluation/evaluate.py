@@ -18,7 +18,6 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 from diffusers import SD3ControlNetModel
@@ -276,7 +275,3 @@ def save_samples(outputs: dict[str, torch.Tensor], inputs: dict, n: int, out: Pa
 
 def sample_columns(models: list[str]) -> list[str]:
     return ["masked_input", "mask", "ground_truth", *models]
-
-
-def np_image(path: Path) -> np.ndarray:
-    return np.asarray(Image.open(path))
