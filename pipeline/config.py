@@ -207,13 +207,20 @@ class Config(_Strict):
 _OWN_KEYS = set(Config.model_fields) - {"extra"}
 
 
-def deep_merge(base: dict, override: dict) -> dict:
-    out = copy.deepcopy(base)
+def merge_into(doc: Any, override: dict) -> None:
+    """Deep-merge ``override`` into the mapping ``doc`` in place: nested mappings are merged key by key,
+    anything else is replaced (a ruamel document keeps its comments and key order)."""
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
+        if isinstance(value, dict) and isinstance(doc.get(key), dict):
+            merge_into(doc[key], value)
         else:
-            out[key] = copy.deepcopy(value)
+            doc[key] = value
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """``override`` deep-merged over a copy of ``base`` (neither is changed)."""
+    out = copy.deepcopy(base)
+    merge_into(out, copy.deepcopy(override))
     return out
 
 

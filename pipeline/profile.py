@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import shutil
 import subprocess
@@ -16,29 +17,122 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import ConfigError, deep_merge, from_dict, load_raw
+from pipeline.config import ConfigError, deep_merge, from_dict, load, load_raw, merge_into
 
 ROOT = Path(__file__).resolve().parent.parent
 # What a workspace needs besides its params: code and pipeline definition, never outputs.
 WORKSPACE_FILES = ("pipeline", "stages", "configs", "dvc.yaml", "pyproject.toml", "prefect.yaml")
+DEFAULT = ("default", "params")   # names of the profile params.yaml itself holds
+
+
+def profile_path(name: str, root: str | Path = ROOT) -> Path:
+    """ROOT/configs/NAME.yaml; a ConfigError listing the known profiles when there is none."""
+    configs = Path(root) / "configs"
+    path = configs / f"{name}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in configs.glob("*.yaml"))
+        raise ConfigError(f"profile {name!r}: {path} not found; known profiles: {['default', *known]}")
+    return path
 
 
 def merged(name: str, base: str | Path = ROOT / "params.yaml") -> dict:
-    if name in ("default", "params"):
+    if name in DEFAULT:
         return load_raw(base)
-    path = ROOT / "configs" / f"{name}.yaml"
-    if not path.exists():
-        known = sorted(p.stem for p in (ROOT / "configs").glob("*.yaml"))
-        raise ConfigError(f"profile {name!r}: {path} not found; known profiles: {['default', *known]}")
+    path = profile_path(name)
     raw = deep_merge(load_raw(base), load_raw(path))
     from_dict(raw, f"{path} over {base}")  # validate before anything is written
     return raw
 
 
-def write_params(raw: dict, path: Path) -> None:
+def _replace(path: Path, text: str) -> None:
     tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(yaml.safe_dump(raw, sort_keys=False))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_params(raw: dict, path: Path) -> None:
+    _replace(path, yaml.safe_dump(raw, sort_keys=False))
+
+
+def _params_yaml():
+    """A round-trip YAML (ruamel, which DVC uses) that writes params as PyYAML, their reader, reads them.
+
+    Unlike dvc.utils.serialize.modify_yaml it keeps quotes (``"no"`` must not become ``no``, a boolean to
+    PyYAML), writes floats PyYAML reads as floats (``1.0e-05``, not ``1e-05``) and writes ``null``.
+    """
+    from ruamel.yaml import YAML
+    from ruamel.yaml.representer import RoundTripRepresenter
+
+    resolver = yaml.resolver.Resolver()
+
+    class ParamsRepresenter(RoundTripRepresenter):
+        def represent_str(self, data):
+            if resolver.resolve(yaml.ScalarNode, data, (True, False)) != "tag:yaml.org,2002:str":
+                return self.represent_scalar("tag:yaml.org,2002:str", data, style='"')
+            return super().represent_str(data)
+
+        def represent_float(self, data):
+            value = repr(data).lower()
+            if "." not in value and "e" in value:      # 1e-05 is a string to PyYAML, 1.0e-05 a float
+                return self.represent_scalar("tag:yaml.org,2002:float", value.replace("e", ".0e", 1))
+            return super().represent_float(data)
+
+        def represent_none(self, data):
+            return self.represent_scalar("tag:yaml.org,2002:null", "null")
+
+    ParamsRepresenter.add_representer(str, ParamsRepresenter.represent_str)
+    ParamsRepresenter.add_representer(float, ParamsRepresenter.represent_float)
+    ParamsRepresenter.add_representer(type(None), ParamsRepresenter.represent_none)
+    rt = YAML()
+    rt.Representer = ParamsRepresenter
+    rt.preserve_quotes = True
+    rt.width = 110                   # the params files' line length
+    rt.default_flow_style = None     # new leaf lists and mappings inline, as yaml.safe_dump writes them
+    return rt
+
+
+def update_params(path: str | Path, override: dict) -> None:
+    """Deep-merge ``override`` into the params file ``path`` in place: comments, key order and quotes kept.
+
+    Should the commented file not read back (with PyYAML) as exactly the merge, the merge is written
+    without comments instead.
+    """
+    path = Path(path)
+    rt = _params_yaml()
+    text = path.read_text() if path.exists() else ""
+    doc = rt.load(text) or {}
+    merge_into(doc, override)
+    out = io.StringIO()
+    rt.dump(doc, out)
+    new = "".join(line.rstrip() + "\n" for line in out.getvalue().splitlines())   # no blanks left by wrapping
+    expected = deep_merge(yaml.safe_load(text) or {}, override)
+    if yaml.safe_load(new) != expected:
+        new = yaml.safe_dump(expected, sort_keys=False)
+    _replace(path, new)
+
+
+def apply_profile(name: str, root: str | Path = ROOT) -> Path:
+    """Switch the workspace ``root`` to profile ``name``: ROOT/configs/NAME.yaml deep-merged into
+    ROOT/params.yaml in place (comments kept), then validated; ``default`` leaves params.yaml as it is.
+
+    An unknown profile raises ConfigError listing the known ones; so does a merge that does not validate,
+    after putting params.yaml back as it was. Returns the params file.
+    """
+    params = Path(root) / "params.yaml"
+    if name in DEFAULT:
+        return params
+    path = profile_path(name, root)
+    before = params.read_text() if params.exists() else None
+    update_params(params, load_raw(path))
+    try:
+        load(params)
+    except ConfigError as exc:
+        if before is None:
+            params.unlink()
+        else:
+            params.write_text(before)
+        raise ConfigError(f"profile {name!r} ({path}): {exc}") from None
+    return params
 
 
 def make_workspace(name: str, dest: Path, base: Path = ROOT / "params.yaml") -> Path:
@@ -71,7 +165,7 @@ def main(argv=None) -> None:
     if args.action == "show":
         print(yaml.safe_dump(merged(args.name), sort_keys=False))
     elif args.action == "use":
-        write_params(merged(args.name), ROOT / "params.yaml")
+        apply_profile(args.name, ROOT)
         print(f"params.yaml now holds profile {args.name!r}; run `dvc repro` (git diff params.yaml shows it)")
     else:
         print(make_workspace(args.name, Path(args.dest)))

@@ -1,0 +1,10 @@
+"""The pieces of the Prefect orchestration of the DVC pipeline; the flows themselves and the CLI are in
+:mod:`pipeline.flows`, which re-exports the public names of these modules.
+
+* :mod:`.settings`   -- the ``flows:`` section of params.yaml (FlowSettings, ShardSpec)
+* :mod:`.dag`        -- the stage DAG as DVC gives it, and sub-DAG selection
+* :mod:`.stages`     -- running one DVC stage (streamed output, failures, retries, accelerate launch)
+* :mod:`.shards`     -- fanning a sharded command out through Dask and merging the shard folders
+* :mod:`.artifacts`  -- gate, metrics and report artifacts
+* :mod:`.parameters` -- profile and overrides applied to params.yaml, and their run artifact
+"""

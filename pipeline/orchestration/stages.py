@@ -1,0 +1,192 @@
+"""Running one DVC stage: ``dvc repro --single-item <stage>`` with its output streamed into the Prefect
+task's log, failures raised as :class:`StageFailed` (naming the stage, ending with the output's tail),
+transient failures retried and validation failures (:class:`GateFailed`, :class:`NotRetried`) not; and
+stages run by their own command (``accelerate launch``, shards) recorded afterwards with ``dvc commit``.
+"""
+
+from __future__ import annotations
+
+import collections
+import fnmatch
+import json
+import logging
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import MissingContextError
+
+from pipeline.orchestration.artifacts import GATES_DIR, gate_failures
+
+TAIL_LINES = 40
+DVC = [sys.executable, "-m", "dvc"]   # the dvc of this interpreter, activated venv or not
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+class StageFailed(RuntimeError):
+    """A DVC stage exited non-zero; the message names the stage and ends with its output's tail."""
+
+    retryable = True
+
+    def __init__(self, stage: str, message: str, tail: str = "", returncode: int | None = None):
+        self.stage, self.tail, self.returncode = stage, tail, returncode
+        super().__init__(f"{message}\n--- last lines of '{stage}' ---\n{tail}" if tail else message)
+
+
+class GateFailed(StageFailed):
+    """A validation gate failed (never retried); the message names the failing expectations."""
+
+    retryable = False
+
+
+class NotRetried(StageFailed):
+    """A failure in a stage matching ``flows.no_retry_stages``."""
+
+    retryable = False
+
+
+# ----------------------------------------------------------------------------- running commands
+
+
+def run_logger() -> logging.Logger | logging.LoggerAdapter:
+    """The Prefect run's logger inside a flow or task, else the ``pipeline.flows`` logger."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("pipeline.flows")
+
+
+def command_env() -> dict[str, str]:
+    """The environment of stage commands and ``dvc`` subprocesses."""
+    env = dict(os.environ)
+    # DVC_IGNORE_ISATTY=1 *forces* DVC's progress bars onto non-TTY output (dvc/progress.py); leaving it
+    # unset keeps the logs of a piped `dvc repro` free of bar redraws.
+    env.pop("DVC_IGNORE_ISATTY", None)
+    # stage commands say `python ...`: make it this interpreter's environment even when not activated
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.setdefault("GX_ANALYTICS_ENABLED", "false")
+    env.setdefault("DVC_NO_ANALYTICS", "1")
+    return env
+
+
+def stream_command(cmd: list[str] | str, cwd: str | Path, log=None) -> tuple[int, str]:
+    """Run ``cmd`` in ``cwd``, streaming each output line (stdout+stderr) into ``log``; (returncode, tail)."""
+    log = log or run_logger()
+    tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+    proc = subprocess.Popen(
+        cmd, cwd=str(cwd), env=command_env(), shell=isinstance(cmd, str), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1,
+    )
+    assert proc.stdout is not None
+    for raw in proc.stdout:
+        for line in raw.rstrip("\n").split("\r"):   # progress bars redraw with \r
+            if line.strip():
+                tail.append(line)
+                log.info(line)
+    return proc.wait(), "\n".join(tail)
+
+
+# ----------------------------------------------------------------------------- dvc repro
+
+
+def _gate_mtimes(workspace: Path) -> dict[Path, float]:
+    return {p: p.stat().st_mtime for p in sorted((workspace / GATES_DIR).glob("*.json"))}
+
+
+def dvc_stage_is_current(stage: str, workspace: str | Path) -> bool:
+    proc = subprocess.run([*DVC, "status", "--json", stage], cwd=str(workspace), env=command_env(),
+                          capture_output=True, text=True)
+    if proc.returncode:
+        return False
+    try:
+        return json.loads(proc.stdout or "{}") == {}
+    except json.JSONDecodeError:
+        return False
+
+
+def run_dvc_stage(stage: str, workspace: str | Path = ".", *, force: bool = False,
+                  no_retry: Iterable[str] = ()) -> dict[str, Any]:
+    """``dvc repro --single-item <stage>`` in ``workspace``; raises StageFailed / GateFailed / NotRetried."""
+    workspace = Path(workspace)
+    log = run_logger()
+    before = _gate_mtimes(workspace)
+    cmd = [*DVC, "repro", "--single-item", stage] + (["--force"] if force else [])
+    log.info("$ dvc %s  (in %s)", shlex.join(cmd[3:]), workspace)
+    rc, tail = stream_command(cmd, workspace, log)
+    if rc == 0:
+        return {"stage": stage, "skipped": "didn't change, skipping" in tail}
+    code = re.findall(r"exited with (-?\d+)", tail)
+    message = f"DVC stage '{stage}' failed (" + (f"its command exited with {code[-1]}" if code else f"dvc exit {rc}") + ")"
+    changed = [p for p, m in _gate_mtimes(workspace).items() if before.get(p) != m]
+    failures = [f for p in changed for f in gate_failures(p)]
+    if failures:
+        raise GateFailed(stage, f"{message}: gate failed: " + "; ".join(failures), tail, rc)
+    if any(fnmatch.fnmatchcase(stage.split("@", 1)[0], g) or fnmatch.fnmatchcase(stage, g) for g in no_retry):
+        raise NotRetried(stage, message, tail, rc)
+    raise StageFailed(stage, message, tail, rc)
+
+
+def _retry_transient(task_, task_run, state) -> bool:
+    exc = state.data if isinstance(state.data, BaseException) else None
+    if exc is None:
+        return "GateFailed" not in (state.message or "") and "NotRetried" not in (state.message or "")
+    return getattr(exc, "retryable", True)
+
+
+@task(name="dvc-stage", task_run_name="{stage}", cache_policy=NO_CACHE, retry_condition_fn=_retry_transient)
+def dvc_stage_task(stage: str, workspace: str, force: bool = False, no_retry: list[str] | None = None) -> dict:
+    """One DVC stage as a Prefect task (its own log, retries, failed state naming the stage)."""
+    return run_dvc_stage(stage, workspace, force=force, no_retry=no_retry or ())
+
+
+# ----------------------------------------------------------------------------- stages run outside dvc repro
+
+
+def commit_stage(stage: str, workspace: str | Path) -> None:
+    """Record outputs produced outside ``dvc repro`` (sharded or accelerate runs) in dvc.lock and the cache."""
+    rc, tail = stream_command([*DVC, "commit", "--force", stage], workspace)
+    if rc:
+        raise StageFailed(stage, f"'dvc commit {stage}' failed (exit {rc})", tail, rc)
+
+
+def run_outside_repro(stage: str, workspace: str | Path, run: Callable[[], Any]) -> dict:
+    """A stage run by ``run()`` instead of ``dvc repro``: skipped when DVC says it is up to date, else run
+    and recorded with :func:`commit_stage`."""
+    if dvc_stage_is_current(stage, workspace):
+        run_logger().info("Stage '%s' didn't change, skipping", stage)
+        return {"stage": stage, "skipped": True}
+    run()
+    commit_stage(stage, workspace)
+    return {"stage": stage, "skipped": False}
+
+
+def accelerate_command(cmd: str, config_file: str) -> str:
+    """``python -m mod args`` / ``python script.py args`` -> ``accelerate launch --config_file CFG ...``."""
+    argv = shlex.split(cmd)
+    if not argv or Path(argv[0]).name not in {"python", "python3", Path(sys.executable).name}:
+        raise ValueError(f"cannot launch through accelerate: {cmd!r} is not a 'python ...' command")
+    return shlex.join([sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file,
+                       *argv[1:]])
+
+
+@task(name="dvc-stage-launched", task_run_name="{stage}", cache_policy=NO_CACHE,
+      retry_condition_fn=_retry_transient)
+def launched_stage_task(stage: str, cmd: str, workspace: str) -> dict:
+    """Run a stage's command through ``accelerate launch`` (multi-GPU / multi-node), then ``dvc commit``."""
+
+    def launch() -> None:
+        run_logger().info("$ %s  (in %s)", cmd, workspace)
+        rc, tail = stream_command(cmd, workspace)
+        if rc:
+            raise StageFailed(stage, f"DVC stage '{stage}' failed under accelerate (exit {rc})", tail, rc)
+
+    return run_outside_repro(stage, workspace, launch)
