@@ -17,6 +17,14 @@ from PIL import Image  # noqa: E402
 FIXED_COLUMNS = ("masked_input", "mask", "ground_truth")
 
 
+def save(fig, out: Path) -> Path:
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def sample_grid(samples_dir: Path, out: Path) -> Path | None:
     """Rows: test images; columns: masked input, mask, ground truth, then each model (as evaluate wrote)."""
     files = sorted(Path(samples_dir).glob("*.png"))
@@ -42,11 +50,7 @@ def sample_grid(samples_dir: Path, out: Path) -> Path | None:
                 ax.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest", vmin=0, vmax=255)
             if r == 0:
                 ax.set_title(col.replace("_", " "), fontsize=8)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save(fig, out)
 
 
 def frontier(c: dict, summary: dict, out: Path) -> Path | None:
@@ -74,11 +78,7 @@ def frontier(c: dict, summary: dict, out: Path) -> Path | None:
     ax.set_ylabel("PSNR (dB), whole image")
     ax.set_title("Quality vs size (grey: ablations, mean ± std over seeds)", fontsize=9)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save(fig, out)
 
 
 def read_tsv(path: Path) -> tuple[list[float], list[float]]:
@@ -112,8 +112,4 @@ def loss_curves(dvclive_dir: Path, stages: list[str], out: Path) -> Path | None:
         ax.set_title(stage)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save(fig, out)
