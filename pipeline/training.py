@@ -97,7 +97,10 @@ class Loop:
         opt = make_optimizer(self.optimizer, params, self.train.lr, self.train.weight_decay)
         warm = max(1, self.train.warmup_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
-        model, opt, sched = acc.prepare(self.model, opt, sched)
+        # The scheduler is not prepared: accelerate would step it once per process per call; ours counts
+        # optimizer steps whatever the number of processes (the batch is global, split across them).
+        model, opt = acc.prepare(self.model, opt)
+        acc.register_for_checkpointing(sched)
         ema = _Ema(acc.unwrap_model(model), self.ema_decay) if self.ema_decay else None
         if ema:
             acc.register_for_checkpointing(ema)
@@ -137,7 +140,8 @@ class Loop:
                     if acc.sync_gradients:
                         acc.clip_grad_norm_(params, self.train.max_grad_norm)
                     opt.step()
-                    sched.step()
+                    if acc.sync_gradients:
+                        sched.step()
                     opt.zero_grad(set_to_none=True)
             if ema:
                 ema.update(acc.unwrap_model(model))
