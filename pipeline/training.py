@@ -277,3 +277,13 @@ def _live(live_dir: Path | None, start: int, acc: Accelerator):
     live = Live(str(live_dir), resume=start > 0, dvcyaml=None, save_dvc_exp=False, report=None)
     live.step = start
     return live
+
+
+def save_atomic(model, out: Path) -> None:
+    """save_pretrained into a temporary sibling, then rename over ``out`` (as checkpoints are written)."""
+    out = Path(out)
+    tmp = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)

@@ -18,13 +18,12 @@ from pipeline.config import Config, StageConfig
 from pipeline.data.shards import load_split
 from pipeline.distill.losses import af_loss, check_weights, distill_loss, task_loss
 from pipeline.foundation.teacher import TEACHER_CONVENTION
-from pipeline.foundation.vae import save_atomic
 from pipeline.models import flow, inpaint
 from pipeline.models.controlled import Controlled
 from pipeline.models.mapping import af_pairs, skipped_blocks, unused_layers
 from pipeline.models.student import controlnet_from_backbone
 from pipeline.models.world import load_foundation
-from pipeline.training import Loop
+from pipeline.training import Loop, save_atomic
 
 STUDENT_CONVENTION = "interval"
 Stage = Literal["stage1", "stage2"]

@@ -11,10 +11,9 @@ from diffusers import AutoencoderKL, StableDiffusion3Pipeline
 from pipeline.config import Config
 from pipeline.foundation.data import TRAIN_SPLITS, encode_in_batches, pixels, scenes
 from pipeline.foundation.text import build_text_components
-from pipeline.foundation.vae import save_atomic
 from pipeline.models import flow
 from pipeline.models.world import build_backbone, build_scheduler, encode_prompts, text_pipeline
-from pipeline.training import Loop
+from pipeline.training import Loop, save_atomic
 
 
 def drop_prompts(batch: dict, p: float, generator: torch.Generator, empty: dict) -> tuple:

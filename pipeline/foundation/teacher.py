@@ -10,12 +10,11 @@ import torch
 from pipeline.config import Config
 from pipeline.foundation.backbone import drop_prompts, flow_loss
 from pipeline.foundation.data import TRAIN_SPLITS, encode_in_batches, pixels, scenes
-from pipeline.foundation.vae import save_atomic
 from pipeline.models import flow, inpaint
 from pipeline.models.controlled import Controlled
 from pipeline.models.student import controlnet_from_backbone
 from pipeline.models.world import encode_prompts, load_foundation
-from pipeline.training import Loop
+from pipeline.training import Loop, save_atomic
 
 TEACHER_CONVENTION = "one_to_one"
 

@@ -11,7 +11,7 @@ from pipeline.config import Config
 from pipeline.evaluation.quality import psnr
 from pipeline.foundation.data import TRAIN_SPLITS, pixels, scenes
 from pipeline.models.world import build_vae
-from pipeline.training import Loop
+from pipeline.training import Loop, save_atomic
 
 KL_WEIGHT = 1e-6  # small: the posterior variance collapses, so the pipeline's latent sampling ~= the mode
 
@@ -58,15 +58,3 @@ def train_vae(cfg: Config, scenes_dir: Path, out: Path, checkpoints: Path, live:
     return {"vae_test_psnr": reconstruction_psnr(vae, test), "shift_factor": shift, "scaling_factor": scale,
             "vae_train_seconds": result.seconds}
 
-
-def save_atomic(model, out: Path) -> None:
-    """save_pretrained into a temporary sibling, then rename over ``out``."""
-    import os
-    import shutil
-
-    out = Path(out)
-    tmp = out.with_name(f".tmp-{out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
