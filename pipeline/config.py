@@ -1,12 +1,22 @@
-"""params.yaml -> a typed, validated config: the one place that knows every key and its default.
+"""params.yaml -> a typed, validated config: the schema of every section, in one place.
 
-Profiles (configs/NAME.yaml) are deep-merged overrides of params.yaml; `pipeline.profile` applies them.
-Validation errors name the dotted key, e.g. ``data.image_size: Input should be greater than 0``.
+Values live in params.yaml alone (it is fully specified; the schema has no defaults that change an
+output), so `dvc params diff` shows every setting and each DVC stage depends on the dotted keys it
+reads. Profiles (configs/NAME.yaml) are deep-merged overrides of params.yaml; `pipeline.profile`
+applies them. Everything is validated at load, before any stage writes: a wrong value names its
+dotted key (``data.image_size: Input should be greater than 0``), an unknown key names the closest
+known one (``ablatoins: unknown key; did you mean 'ablations'?``).
+
+    python -m pipeline.config [FILE]     # validate FILE (default params.yaml) and print it resolved
 """
 
 from __future__ import annotations
 
 import copy
+import difflib
+import re
+import sys
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +35,8 @@ COLORS = {
     "black": (20, 20, 20),
 }
 BACKGROUNDS = ("plain", "striped", "checkered", "dotted", "gradient")
+SPLITS = ("labelled", "unlabelled", "val", "test")
+SHA = re.compile(r"^[0-9a-f]{40}$")
 
 
 class ConfigError(ValueError):
@@ -32,29 +44,30 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
+
+# ------------------------------------------------------------------------------------------- data
 
 class Splits(_Strict):
-    labelled: int = Field(2048, ge=1, description="stage-1 pool: image, mask, local prompt")
-    unlabelled: int = Field(2048, ge=1, description="stage-2 pool: image and mask, no prompt")
-    val: int = Field(128, ge=1)
-    test: int = Field(256, ge=1)
+    labelled: int = Field(..., ge=1, description="stage-1 pool: image, mask, local prompt")
+    unlabelled: int = Field(..., ge=1, description="stage-2 pool: image and mask, no prompt")
+    val: int = Field(..., ge=1)
+    test: int = Field(..., ge=1)
 
 
 class DataConfig(_Strict):
-    image_size: int = Field(32, ge=16, le=2048)
-    min_objects: int = Field(1, ge=1)
-    max_objects: int = Field(4, ge=1)
-    min_object_size: float = Field(0.25, gt=0, le=1, description="object size as a fraction of the image side")
-    max_object_size: float = Field(0.5, gt=0, le=1)
-    shapes: tuple[str, ...] = SHAPES
-    colors: tuple[str, ...] = tuple(COLORS)
-    backgrounds: tuple[str, ...] = BACKGROUNDS
-    splits: Splits = Splits()
-    # Fraction of training masks drawn as random boxes/strokes rather than object masks.
-    random_mask_fraction: float = Field(0.3, ge=0, le=1)
-    num_workers: int = Field(0, ge=0)
+    image_size: int = Field(..., ge=16, le=2048)
+    min_objects: int = Field(..., ge=1)
+    max_objects: int = Field(..., ge=1)
+    min_object_size: float = Field(..., gt=0, le=1, description="object size as a fraction of the image side")
+    max_object_size: float = Field(..., gt=0, le=1)
+    shapes: tuple[str, ...]
+    colors: tuple[str, ...]
+    backgrounds: tuple[str, ...]
+    splits: Splits
+    random_mask_fraction: float = Field(..., ge=0, le=1, description="masks drawn as boxes/strokes, not objects")
+    num_workers: int = Field(0, ge=0, description="data loader workers (no effect on outputs)")
 
     @model_validator(mode="after")
     def _check(self):
@@ -82,85 +95,171 @@ class DataConfig(_Strict):
         return self
 
 
+class TripletsConfig(_Strict):
+    """build_triplets: the synthetic scenes, a user manifest, or image/mask folders."""
+    source: Literal["synthetic", "manifest", "folders"]
+    manifest: str | None = Field(..., description="user manifest (csv/parquet/jsonl) for source=manifest")
+    image_dir: str | None
+    mask_dir: str | None
+    default_split: Literal["labelled", "unlabelled", "val", "test"]
+    mask_kinds: tuple[Literal["stroke", "box"], ...]
+    mask_seed: int
+    resize: Literal["center_crop", "stretch"]
+    on_bad: Literal["fail", "skip"]
+    report_rows: int = Field(10, ge=1, description="bad rows listed in the failure message")
+
+
+class QwenConfig(_Strict):
+    model: str = Field(..., description="local path or hub id")
+    revision: str | None
+    local_template: str
+    global_template: str
+    batch_size: int = Field(..., ge=1)
+    max_new_tokens: int = Field(..., ge=1)
+    vlm_image_size: int = Field(..., ge=28, description="crop/overlay/image side given to the VLM")
+    crop_padding: float = Field(..., ge=0, le=1, description="crop margin around the hole's bbox")
+    overlay_color: tuple[int, int, int]
+    overlay_alpha: float = Field(..., ge=0, le=1)
+    dtype: Literal["float32", "bfloat16", "float16"]
+    device: str
+    cache_dir: str
+
+
+class CaptionConfig(_Strict):
+    backend: Literal["annotations", "caption_noise", "qwen2_5_vl"]
+    noise_fraction: float = Field(..., ge=0, le=1, description="caption_noise: share of wrong local prompts")
+    noise_seed: int
+    qwen: QwenConfig
+
+
+class GatesConfig(_Strict):
+    """Great Expectations gates (pipeline/validation)."""
+    out_dir: str
+    mask_fraction_min: float = Field(..., ge=0, le=1)
+    mask_fraction_max: float = Field(..., ge=0, le=1)
+    caption_min_chars: int = Field(..., ge=1)
+    caption_max_chars: int = Field(..., ge=1)
+    caption_allowed: str = Field(..., description="regex every prompt must match")
+    require_global: bool
+    latent_channels: int = Field(..., ge=1)
+
+
+# ------------------------------------------------------------------------------------------ world
+
+class ModelRef(_Strict):
+    repo: str = Field(..., description="hub repo id, e.g. stabilityai/stable-diffusion-3-medium-diffusers")
+    revision: str | None = Field(..., description="commit sha (pin it) or branch; null = main")
+    local_dir: str | None = Field(..., description="a folder in the repo's layout; used before the hub cache")
+
+
+class WorldConfig(_Strict):
+    source: Literal["embedded", "pretrained"]
+    foundation: ModelRef | None = Field(..., description="pretrained: the SD3 pipeline (backbone, VAE, text)")
+    teacher: ModelRef | None = Field(..., description="pretrained: the 23-layer inpainting ControlNet")
+    cache_dir: str | None = Field(..., description="hub cache; null = HF_HUB_CACHE / HF_HOME/hub default")
+    allow_download: bool = Field(..., description="download what the cache lacks (needs network)")
+    require_t5: bool = Field(..., description="the foundation must ship text_encoder_3 / tokenizer_3")
+    require_pinned: bool = Field(..., description="fail unless every revision is a 40-hex commit sha")
+    link: Literal["symlink", "hardlink", "copy"] = Field(
+        ..., description="how models/* are materialised from the resolved files (no effect on values)")
+    dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        ..., description="dtype the frozen pretrained models are loaded in on GPUs")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.source == "pretrained":
+            missing = [k for k in ("foundation", "teacher") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"world.{missing[0]}: required when world.source is 'pretrained'")
+            if self.require_pinned:
+                for k in ("foundation", "teacher"):
+                    rev = getattr(self, k).revision
+                    if not (rev and SHA.match(rev)):
+                        raise ValueError(f"world.{k}.revision: {rev!r} is not a commit sha "
+                                         "(world.require_pinned is true)")
+        return self
+
+
 class TextConfig(_Strict):
-    vocab_size: int = Field(512, ge=300, description="BPE vocabulary trained on the prompt corpus")
-    tokenizer_max_length: int = Field(24, ge=4, le=77)
+    vocab_size: int = Field(..., ge=300, description="BPE vocabulary trained on the prompt corpus")
+    tokenizer_max_length: int = Field(..., ge=4, le=77)
     # Rows of T5 embeddings that SD3's encode_prompt appends (zeros when text_encoder_3 is None).
     # Users of the stock pipeline must pass the same value: pipe(..., max_sequence_length=N).
-    max_sequence_length: int = Field(8, ge=1, le=512)
-    hidden_size: int = Field(32, ge=8)
-    projection_dim: int = Field(32, ge=8)
-    num_hidden_layers: int = Field(2, ge=1)
-    num_attention_heads: int = Field(2, ge=1)
+    max_sequence_length: int = Field(..., ge=1, le=512)
+    hidden_size: int = Field(..., ge=8)
+    projection_dim: int = Field(..., ge=8)
+    num_hidden_layers: int = Field(..., ge=1)
+    num_attention_heads: int = Field(..., ge=1)
 
 
 class TrainLoop(_Strict):
     steps: int = Field(..., ge=1)
     batch_size: int = Field(..., ge=1)
     lr: float = Field(..., gt=0)
-    warmup_steps: int = Field(0, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
+    warmup_steps: int = Field(..., ge=0)
+    weight_decay: float = Field(..., ge=0)
+    max_grad_norm: float = Field(..., gt=0)
 
 
 class VaeConfig(_Strict):
-    block_out_channels: tuple[int, ...] = (32, 32)
-    layers_per_block: int = Field(1, ge=1)
-    train: TrainLoop = TrainLoop(steps=500, batch_size=32, lr=1e-3, warmup_steps=20)
+    block_out_channels: tuple[int, ...]
+    layers_per_block: int = Field(..., ge=1)
+    train: TrainLoop
 
 
 class BackboneConfig(_Strict):
-    num_layers: int = Field(24, ge=2)
-    num_attention_heads: int = Field(2, ge=1)
-    attention_head_dim: int = Field(32, ge=4)
-    patch_size: int = Field(2, ge=1)
-    prompt_dropout: float = Field(0.1, ge=0, lt=1, description="empty prompts, for classifier-free guidance")
-    train: TrainLoop = TrainLoop(steps=600, batch_size=32, lr=5e-4, warmup_steps=50)
+    num_layers: int = Field(..., ge=2)
+    num_attention_heads: int = Field(..., ge=1)
+    attention_head_dim: int = Field(..., ge=4)
+    patch_size: int = Field(..., ge=1)
+    prompt_dropout: float = Field(..., ge=0, lt=1, description="empty prompts, for classifier-free guidance")
+    train: TrainLoop
 
 
 class TeacherConfig(_Strict):
-    num_layers: int = Field(23, ge=1)
-    prompt_dropout: float = Field(0.1, ge=0, lt=1)
-    # teacher_gate: whole-image PSNR gain (dB) over the backbone alone that the teacher must reach;
+    num_layers: int = Field(..., ge=1)
+    prompt_dropout: float = Field(..., ge=0, lt=1)
+    # validate_teacher: whole-image PSNR gain (dB) over the backbone alone that the teacher must reach;
     # null = report only (the smoke profile, whose teacher trains for a few steps).
-    gate_min_gain_db: float | None = 1.0
-    train: TrainLoop = TrainLoop(steps=600, batch_size=32, lr=5e-4, warmup_steps=50)
+    gate_min_gain_db: float | None
+    train: TrainLoop
 
 
 class SchedulerConfig(_Strict):
-    shift: float = Field(3.0, gt=0)
-    weighting_scheme: Literal["logit_normal", "sigma_sqrt", "mode", "cosmap", "none"] = "logit_normal"
-    logit_mean: float = 0.0
-    logit_std: float = Field(1.0, gt=0)
-    mode_scale: float = 1.29
+    shift: float = Field(..., gt=0)
+    weighting_scheme: Literal["logit_normal", "sigma_sqrt", "mode", "cosmap", "none"]
+    logit_mean: float
+    logit_std: float = Field(..., gt=0)
+    mode_scale: float
 
+
+# ---------------------------------------------------------------------------------------- distill
 
 class LossWeights(_Strict):
-    task: float = Field(1.0, ge=0)
-    distill: float = Field(1.0, ge=0)
-    af: float = Field(1.0, ge=0)
+    task: float = Field(..., ge=0)
+    distill: float = Field(..., ge=0)
+    af: float = Field(..., ge=0)
 
 
 class StageConfig(_Strict):
     train: TrainLoop
-    loss: LossWeights = LossWeights()
-    prompt: Literal["local", "global"] = "local"
+    loss: LossWeights
+    prompt: Literal["local", "global"]
 
 
 class DistillConfig(_Strict):
-    student_layers: int = Field(12, ge=1)
-    alpha: float = Field(0.975, ge=0, le=1, description="L_task weight inside the hole; 1-alpha outside")
-    stage1: StageConfig = StageConfig(train=TrainLoop(steps=300, batch_size=32, lr=3e-4, warmup_steps=20))
-    stage2: StageConfig = StageConfig(
-        train=TrainLoop(steps=200, batch_size=32, lr=1e-4, warmup_steps=10), loss=LossWeights(task=0.0)
-    )
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    gradient_checkpointing: bool = False
-    optimizer: Literal["adamw", "adamw8bit"] = Field("adamw", description="adamw8bit: bitsandbytes' AdamW8bit (CUDA)")
-    ema_decay: float | None = Field(None, gt=0, lt=1)
-    checkpoint_every: int = Field(50, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
+    student_layers: int = Field(..., ge=1)
+    alpha: float = Field(..., ge=0, le=1, description="L_task weight inside the hole; 1-alpha outside")
+    stage1: StageConfig
+    stage2: StageConfig
+    gradient_accumulation_steps: int = Field(..., ge=1)
+    # fp32, not accelerate's "no": `dvc exp run -S` rewrites params.yaml unquoted and YAML reads no as false.
+    mixed_precision: Literal["fp32", "bf16", "fp16"]
+    gradient_checkpointing: bool
+    optimizer: Literal["adamw", "adamw8bit"] = Field(..., description="adamw8bit: bitsandbytes' AdamW8bit (CUDA)")
+    ema_decay: float | None = Field(..., gt=0, lt=1)
+    checkpoint_every: int = Field(..., ge=1)
+    keep_checkpoints: int = Field(..., ge=1)
 
     @model_validator(mode="after")
     def _check(self):
@@ -168,27 +267,127 @@ class DistillConfig(_Strict):
             raise ValueError("distill.stage2.loss.task: stage 2 has no ground truth; it must be 0")
         return self
 
+    @property
+    def accelerate_precision(self) -> str:
+        """accelerate's name for ``mixed_precision``."""
+        return "no" if self.mixed_precision == "fp32" else self.mixed_precision
+
+
+# ------------------------------------------------------------------------------ evaluation, study
 
 class EvaluateConfig(_Strict):
-    num_images: int = Field(64, ge=1, description="test images evaluated (first N of the test split)")
-    num_inference_steps: int = Field(20, ge=1)
-    guidance_scale: float = Field(1.0, ge=0)
-    conditioning_scale: float = Field(1.0, ge=0)
-    seed: int = 1234
-    batch_size: int = Field(32, ge=1)
+    """The evaluate stage, the teacher gate and the ablations: sampling settings and optional metrics."""
+    num_images: int = Field(..., ge=1, description="test images evaluated (first N of the test split)")
+    num_inference_steps: int = Field(..., ge=1)
+    guidance_scale: float = Field(..., ge=0)
+    conditioning_scale: float = Field(..., ge=0)
+    seed: int
+    batch_size: int = Field(..., ge=1)
+    num_samples: int = Field(..., ge=0, description="test images saved as PNGs for the report's sample grid")
+    lpips_weights: str | None = Field(..., description="TORCH_HOME holding torchvision's backbone weights "
+                                                       "(hub/checkpoints/*.pth); needs torchvision")
+    lpips_net: str
+    fid_weights: str | None = Field(..., description="InceptionV3 FID weights file (pt_inception-2015-12-05); "
+                                                     "needs torch-fidelity")
+    cmmd_weights: str | None = Field(..., description="a local CLIP model folder (CLIPVisionModelWithProjection)")
+
+
+class EncodeBenchmarkConfig(_Strict):
+    steps: int = Field(..., ge=1, description="timed training steps per arm and round")
+    batch_size: int = Field(..., ge=1)
+    repeats: int = Field(..., ge=1, description="alternating rounds; the median rate is reported")
+    warmup_steps: int = Field(..., ge=0, description="untimed steps per arm before the rounds")
+    device: str = Field(..., description="auto (cuda when available) | cpu | cuda[:i]")
+
+
+class BenchmarkConfig(_Strict):
+    batch_size: int = Field(..., ge=1)
+    warmup: int = Field(..., ge=0)
+    repeats: int = Field(..., ge=1)
+    timestep: float = Field(..., ge=0, le=1000)
+    extra_layers: list[int] = Field(..., description="untrained student depths measured too")
+    threads: int | None = Field(..., ge=1, description="torch.set_num_threads; null keeps the default")
+
+
+class Variant(_Strict):
+    two_stage: bool
+    overrides: dict = Field(..., description="params deep-merged over the ablation budget")
+
+
+class AblationConfig(_Strict):
+    """The ablation matrix (pipeline/distill/ablation.py); the variants are defined here only."""
+    stage1_steps: int = Field(..., ge=1)
+    stage2_steps: int = Field(..., ge=1)
+    batch_size: int = Field(..., ge=1)
+    warmup_steps: int = Field(..., ge=0)
+    headline: list[str] = Field(..., description="variants run at every headline seed")
+    headline_seeds: list[int]
+    others: list[str] = Field(..., description="variants run at `seeds`")
+    seeds: list[int]
+    variants: dict[str, Variant]
+
+    @model_validator(mode="after")
+    def _check(self):
+        unknown = [v for v in (*self.headline, *self.others) if v not in self.variants]
+        if unknown:
+            raise ValueError(f"ablations: unknown variants {unknown}; defined: {sorted(self.variants)}")
+        both = set(self.headline) & set(self.others)
+        if both:
+            raise ValueError(f"ablations: variants {sorted(both)} are in both headline and others "
+                             "(one DVC stage each)")
+        return self
+
+    def runs(self) -> list[tuple[str, int]]:
+        """Every (variant, seed) the two matrix stages run, headline first."""
+        return ([(v, s) for v in self.headline for s in self.headline_seeds]
+                + [(v, s) for v in self.others for s in self.seeds])
+
+
+class ReportConfig(_Strict):
+    loss_stages: list[str] = Field(..., description="dvclive/<stage> loss curves plotted")
+    title: str
+
+
+# ----------------------------------------------------------------------------------- orchestration
+
+class ShardSpec(_Strict):
+    command: str = Field(..., description="template with {shard} (i/N), {index}, {num_shards}, {out}")
+    num_shards: int = Field(..., ge=1)
+    out: str = Field(..., description="the stage's output folder; shard i writes to <out>.shards/shard-i")
+
+
+class FlowSettings(_Strict):
+    """How the Prefect flows run the DVC stages (no effect on any output)."""
+    retries: int = Field(1, ge=0, description="retries of a stage after a transient failure")
+    retry_delay_seconds: float = Field(10, ge=0)
+    no_retry_stages: list[str] = Field(["validate*"], description="globs: failures here are never retried")
+    dask_address: str | None = Field(None, description="scheduler address; null = local processes")
+    dask_workers: int | None = Field(None, ge=1, description="local cluster size (default: min(shards, CPUs))")
+    accelerate_config: str | None = Field(None, description="accelerate config file for training stages")
+    accelerate_stages: list[str] = Field(["backbone", "teacher", "distill_*", "ablat*"],
+                                         description="globs: stages run under `accelerate launch`")
+    sharded: dict[str, ShardSpec] = Field(default_factory=dict, description="stage -> sharded command")
 
 
 class Config(_Strict):
-    seed: int = 0
-    data: DataConfig = DataConfig()
-    text: TextConfig = TextConfig()
-    scheduler: SchedulerConfig = SchedulerConfig()
-    vae: VaeConfig = VaeConfig()
-    backbone: BackboneConfig = BackboneConfig()
-    teacher: TeacherConfig = TeacherConfig()
-    distill: DistillConfig = DistillConfig()
-    evaluate: EvaluateConfig = EvaluateConfig()
-    extra: dict[str, Any] = Field(default_factory=dict, description="sections owned by other modules")
+    seed: int
+    data: DataConfig
+    world: WorldConfig
+    triplets: TripletsConfig
+    caption: CaptionConfig
+    gates: GatesConfig
+    text: TextConfig
+    scheduler: SchedulerConfig
+    vae: VaeConfig
+    backbone: BackboneConfig
+    teacher: TeacherConfig
+    distill: DistillConfig
+    evaluate: EvaluateConfig
+    encode_benchmark: EncodeBenchmarkConfig
+    flows: FlowSettings
+    ablations: AblationConfig
+    benchmark: BenchmarkConfig
+    report: ReportConfig
 
     @model_validator(mode="after")
     def _check(self):
@@ -204,8 +403,7 @@ class Config(_Strict):
         return self
 
 
-_OWN_KEYS = set(Config.model_fields) - {"extra"}
-
+# --------------------------------------------------------------------------------------- loading
 
 def merge_into(doc: Any, override: dict) -> None:
     """Deep-merge ``override`` into the mapping ``doc`` in place: nested mappings are merged key by key,
@@ -224,18 +422,52 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model that validates the mapping at ``loc`` (for 'did you mean' hints)."""
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            return None
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        ann, model = field.annotation, None
+        for cand in (ann, *typing.get_args(ann)):
+            if isinstance(cand, type) and issubclass(cand, BaseModel):
+                model = cand
+    return model
+
+
+def _describe(err: dict) -> str:
+    loc = tuple(err["loc"])
+    key = ".".join(str(p) for p in loc)
+    if err["type"] == "extra_forbidden":
+        parent = _model_at(Config, loc[:-1])
+        known = list(parent.model_fields) if parent else []
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.5)
+        hint = f"did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?" if close else \
+            f"known keys here: {', '.join(known)}"
+        return f"{key}: unknown key; {hint}"
+    if err["type"] == "missing":
+        return f"{key}: missing (params.yaml sets every key; copy it from the repository's params.yaml)"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{key}: {msg}" if key and not msg.startswith(key) else msg
+
+
 def from_dict(raw: dict, source: str = "<params>") -> Config:
-    raw = dict(raw or {})
-    extra = {k: raw.pop(k) for k in list(raw) if k not in _OWN_KEYS}
+    """Validate a whole params mapping, including every ablation variant's merged params."""
     try:
-        return Config(**raw, extra=extra)
+        cfg = Config(**(raw or {}))
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            key = ".".join(str(p) for p in err["loc"])
-            msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"{key}: {msg}" if key and not msg.startswith(key) else msg)
+        lines = [_describe(e) for e in exc.errors()]
         raise ConfigError(f"{source}: invalid params:\n  " + "\n  ".join(lines)) from None
+    for name, variant in cfg.ablations.variants.items():
+        try:
+            Config(**deep_merge(raw, variant.overrides))
+        except ValidationError as exc:
+            lines = [_describe(e) for e in exc.errors()]
+            raise ConfigError(f"{source}: ablations.variants.{name}.overrides give invalid params:\n  "
+                              + "\n  ".join(lines)) from None
+    return cfg
 
 
 def load_raw(path: str | Path = "params.yaml") -> dict:
@@ -255,11 +487,23 @@ def load(path: str | Path = "params.yaml") -> Config:
     return from_dict(load_raw(path), str(path))
 
 
-def section(cfg: Config, name: str, model: type[BaseModel]) -> BaseModel:
-    """Validate a section that a module owns (``cfg.extra[name]``) against that module's pydantic model."""
+def section(cfg: Config, name: str, model: type[BaseModel] | None = None) -> BaseModel:
+    """The validated section ``name`` (kept for callers that still name the section)."""
+    return getattr(cfg, name)
+
+
+def main(argv=None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    path = args[0] if args else "params.yaml"
     try:
-        return model(**(cfg.extra.get(name) or {}))
-    except ValidationError as exc:
-        lines = [f"{name}.{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
-                 for e in exc.errors()]
-        raise ConfigError("invalid params:\n  " + "\n  ".join(lines)) from None
+        cfg = load(path)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, width=110), end="")
+    print(f"# {path}: valid", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from pipeline import paths
-from pipeline.config import ConfigError, from_dict, load, section
+from pipeline.config import ConfigError, load
 from pipeline.data.triplets import BadRowsError, TripletsConfig, build_triplets, load_input, parse_shard
 
 
@@ -27,9 +27,8 @@ def main(argv=None) -> int:
                                       "when --out is not the default)")
     args = ap.parse_args(argv)
     try:
-        cfg = load(args.params) if Path(args.params).exists() or not (args.manifest or args.image_dir) \
-            else from_dict({})
-        tcfg = section(cfg, "triplets", TripletsConfig)
+        cfg = load(args.params)
+        tcfg = cfg.triplets
         over = {"on_bad": args.on_bad} if args.on_bad else {}
         if args.manifest:
             over |= {"source": "manifest", "manifest": args.manifest}

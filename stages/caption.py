@@ -5,9 +5,8 @@ import sys
 from pathlib import Path
 
 from pipeline import paths
-from pipeline.captions.config import CaptionConfig
 from pipeline.captions.run import caption_manifest
-from pipeline.config import ConfigError, from_dict, load, section
+from pipeline.config import ConfigError, load
 from pipeline.data.triplets import parse_shard
 
 
@@ -22,8 +21,8 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", choices=["annotations", "caption_noise", "qwen2_5_vl"])
     args = ap.parse_args(argv)
     try:
-        cfg = load(args.params) if Path(args.params).exists() else from_dict({})
-        ccfg = section(cfg, "caption", CaptionConfig)
+        cfg = load(args.params)
+        ccfg = cfg.caption
         if args.backend:
             ccfg = ccfg.model_copy(update={"backend": args.backend})
         out = Path(args.out)

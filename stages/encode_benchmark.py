@@ -18,7 +18,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         cfg = load(args.params)
-        bcfg = section(cfg, "encode_benchmark", EncodeBenchmarkConfig)
+        bcfg = cfg.encode_benchmark
     except ConfigError as exc:
         print(f"encode_benchmark: {exc}", file=sys.stderr)
         return 2

@@ -9,7 +9,7 @@ import argparse
 from pipeline import paths
 from pipeline.config import load
 from pipeline.data.encode import joined
-from pipeline.evaluation.evaluate import BACKBONE_ONLY, TEACHER, evaluate_models, evaluation_config, save_samples, test_rows
+from pipeline.evaluation.evaluate import BACKBONE_ONLY, TEACHER, evaluate_models, save_samples, test_rows
 from pipeline.metrics_io import write_json
 from pipeline.models.world import load_foundation
 
@@ -27,7 +27,7 @@ def main(argv=None) -> None:
     for name, m in metrics.items():
         write_json(paths.METRICS / "eval" / f"{name}.json", m)
         print(name, {k: round(v, 4) if isinstance(v, float) else v for k, v in m.items() if k != "not_computed"})
-    save_samples(outputs, inputs, evaluation_config(cfg).num_samples, SAMPLES)
+    save_samples(outputs, inputs, cfg.evaluate.num_samples, SAMPLES)
 
 
 if __name__ == "__main__":

@@ -34,9 +34,10 @@ MICRO = {
 
 
 def micro_config(**overrides):
-    from pipeline.config import deep_merge, from_dict
+    from pipeline.config import deep_merge
+    from tests.params import config
 
-    return from_dict(deep_merge(MICRO, overrides))
+    return config(deep_merge(MICRO, overrides))
 
 
 @pytest.fixture(scope="session")
@@ -53,7 +54,9 @@ def micro_world(tmp_path_factory) -> dict:
 
     root = tmp_path_factory.mktemp("micro")
     cfg = micro_config()
-    (root / "params.yaml").write_text(yaml.safe_dump(MICRO))
+    from tests.params import full
+
+    (root / "params.yaml").write_text(yaml.safe_dump(full(MICRO)))
     p = {k: root / v for k, v in dict(scenes="data/scenes", vae="models/vae", foundation="models/foundation",
                                       teacher="models/teacher", encoded="data/encoded").items()}
     generate_scenes(cfg.data, cfg.seed, p["scenes"], progress=False)

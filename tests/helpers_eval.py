@@ -32,10 +32,10 @@ def link(src: Path, dst: Path) -> None:
 def eval_ws(micro_world, tmp_path_factory) -> Path:
     from pipeline.distill.trainer import distill
     from pipeline.metrics_io import write_json
-    from pipeline.config import from_dict
+    from tests.params import config, full
 
     root = tmp_path_factory.mktemp("evalws")
-    (root / "params.yaml").write_text(yaml.safe_dump(EVAL_PARAMS))
+    (root / "params.yaml").write_text(yaml.safe_dump(full(EVAL_PARAMS)))
     link(micro_world["scenes"], root / "data/triplets")
     link(micro_world["encoded"], root / "data/encoded")
     link(micro_world["foundation"], root / "models/foundation")
@@ -43,7 +43,7 @@ def eval_ws(micro_world, tmp_path_factory) -> Path:
     scenes = pd.read_parquet(micro_world["scenes"] / "manifest.parquet")
     (root / "data/captions").mkdir(parents=True)
     scenes[["id", "split", "local_prompt", "global_prompt"]].to_parquet(root / "data/captions/captions.parquet")
-    cfg = from_dict(EVAL_PARAMS)
+    cfg = config(EVAL_PARAMS)
     kw = dict(foundation=micro_world["foundation"], teacher=micro_world["teacher"], encoded=micro_world["encoded"])
     for stage, out, init in (("stage1", "student_stage1", None), ("stage2", "student", "student_stage1")):
         m = distill(cfg, stage, out=root / "models" / out, checkpoints=root / "checkpoints" / stage,

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from pipeline.captions.cache import CaptionCache
-from pipeline.captions.config import CaptionConfig, QwenConfig
+from tests.params import REPO, config
 from pipeline.captions.run import caption_manifest
 from stages.caption import main as caption_main
 from tests.helpers_data import build_tiny
@@ -29,8 +29,8 @@ def test_annotations_match_generator_for_all_splits(data):
 
 def test_caption_noise(data, tmp_path):
     clean = pd.read_parquet(data / "captions/captions.parquet")
-    cfg = CaptionConfig(backend="caption_noise", noise_fraction=0.5, noise_seed=1,
-                        qwen=QwenConfig(cache_dir=str(tmp_path / "cache")))
+    cfg = config({"caption": dict(backend="caption_noise", noise_fraction=0.5, noise_seed=1,
+                                  qwen={"cache_dir": str(tmp_path / "cache")})}).caption
     a = caption_manifest(data / "triplets/manifest.parquet", cfg, tmp_path / "a.parquet", progress=False)
     b = caption_manifest(data / "triplets/manifest.parquet", cfg, tmp_path / "b.parquet", progress=False)
     pd.testing.assert_frame_equal(a, b)
@@ -46,7 +46,7 @@ def test_shard_union_equals_unsharded(data, tmp_path, monkeypatch):
     parts = []
     for i in range(3):
         out = tmp_path / f"c{i}.parquet"
-        assert caption_main(["--params", str(tmp_path / "none.yaml"), "--manifest",
+        assert caption_main(["--params", str(REPO / "params.yaml"), "--manifest",
                              str(data / "triplets/manifest.parquet"), "--out", str(out), "--shard", f"{i}/3"]) == 0
         parts.append(pd.read_parquet(out))
     union = pd.concat(parts).sort_values("id").reset_index(drop=True)
@@ -60,7 +60,7 @@ def test_flows_sharded_caption_merges_to_the_unsharded_file(data, tmp_path, monk
     from pipeline.flows import merge_shards, shard_dir
 
     monkeypatch.chdir(tmp_path)
-    args = ["--params", str(tmp_path / "none.yaml"), "--manifest", str(data / "triplets/manifest.parquet")]
+    args = ["--params", str(REPO / "params.yaml"), "--manifest", str(data / "triplets/manifest.parquet")]
     assert caption_main(args + ["--out", "full"]) == 0
     full = pd.read_parquet("full/captions.parquet")
     assert list(full["id"]) == sorted(full["id"])
@@ -98,9 +98,10 @@ def test_qwen_plumbing_cache_and_resume(data, tiny_qwen, tmp_path, monkeypatch):
     calls = []
     real = qwen.QwenCaptioner.caption_batch
     monkeypatch.setattr(qwen.QwenCaptioner, "caption_batch", lambda self, rows: calls.append(len(rows)) or real(self, rows))
-    qcfg = QwenConfig(model=str(tiny_qwen), vlm_image_size=56, batch_size=4, max_new_tokens=4,
-                      cache_dir=str(tmp_path / "cache"))
-    cfg = CaptionConfig(backend="qwen2_5_vl", qwen=qcfg)
+    cfg = config({"caption": {"backend": "qwen2_5_vl", "qwen": dict(
+        model=str(tiny_qwen), vlm_image_size=56, batch_size=4, max_new_tokens=4, cache_dir=str(tmp_path / "cache"))}}
+    ).caption
+    qcfg = cfg.qwen
     manifest = pd.read_parquet(data / "triplets/manifest.parquet")
     first = manifest.head(5)
     first.to_parquet(data / "triplets/first5.parquet", index=False)
@@ -114,6 +115,6 @@ def test_qwen_plumbing_cache_and_resume(data, tiny_qwen, tmp_path, monkeypatch):
     pd.testing.assert_frame_equal(b.head(5), a)
     # a different template is a different cache key
     calls.clear()
-    cfg2 = CaptionConfig(backend="qwen2_5_vl", qwen=qcfg.model_copy(update={"local_template": "What is here?"}))
+    cfg2 = cfg.model_copy(update={"qwen": qcfg.model_copy(update={"local_template": "What is here?"})})
     caption_manifest(data / "triplets/first5.parquet", cfg2, tmp_path / "c.parquet", progress=False)
     assert sum(calls) == 5

@@ -7,13 +7,14 @@ import pytest
 import torch
 
 from pipeline.data.encode import encode_dataset
-from pipeline.data.encode_benchmark import EncodeBenchmarkConfig, run_benchmark
+from pipeline.data.encode_benchmark import run_benchmark
 from pipeline.data.images import load_manifest
 from pipeline.data.shards import TENSOR_KEYS, load_split
 from pipeline.flows import merge_shards
 from pipeline.metrics_io import write_json
 from pipeline.models.world import load_foundation
-from pipeline.validation.gates import GatesConfig, encoded_gate
+from pipeline.validation.gates import encoded_gate
+from tests.params import config
 from pipeline.validation.gx import GateError
 
 
@@ -52,20 +53,20 @@ def test_two_shards_union_equals_unsharded(micro_world, manifest, tmp_path):
 
 def test_real_encode_output_passes_gate_and_broken_fails(micro_world, tmp_path):
     scenes = micro_world["scenes"] / "manifest.parquet"
-    report = encoded_gate(micro_world["encoded"], scenes, GatesConfig(out_dir=str(tmp_path / "g")))
+    report = encoded_gate(micro_world["encoded"], scenes, config({"gates": {"out_dir": str(tmp_path / "g")}}).gates)
     assert report["success"] and report["failed"] == 0
     # a manifest row that was never encoded: a count mismatch, named with its split
     m = pd.read_parquet(scenes)
     extra = m.iloc[[0]].assign(id="zz-not-encoded")
     pd.concat([m, extra]).to_parquet(tmp_path / "more.parquet", index=False)
     with pytest.raises(GateError, match="count_matches_manifest") as exc:
-        encoded_gate(micro_world["encoded"], tmp_path / "more.parquet", GatesConfig(out_dir=str(tmp_path / "g")))
+        encoded_gate(micro_world["encoded"], tmp_path / "more.parquet", config({"gates": {"out_dir": str(tmp_path / "g")}}).gates)
     assert f"'split': '{extra['split'].iloc[0]}'" in str(exc.value)
 
 
 def test_encode_benchmark_micro(micro_world, manifest, tmp_path):
     cfg = micro_world["cfg"]
-    bcfg = EncodeBenchmarkConfig(steps=1, batch_size=2, repeats=2, warmup_steps=1, device="cpu")
+    bcfg = config({"encode_benchmark": dict(steps=1, batch_size=2, repeats=2, warmup_steps=1, device="cpu")}).encode_benchmark
     m = run_benchmark(cfg, bcfg, foundation=micro_world["foundation"], teacher=micro_world["teacher"],
                       encoded=micro_world["encoded"], triplets=None, captions=None, rows=manifest)
     write_json(tmp_path / "encode_benchmark.json", m)

@@ -8,7 +8,8 @@ import torch
 
 from pipeline.config import load
 from pipeline.evaluation import ablation, evaluate
-from pipeline.evaluation.evaluate import EvaluationConfig, optional_metrics
+from pipeline.evaluation.evaluate import optional_metrics
+from tests.params import config
 from tests.helpers_eval import EVAL_PARAMS, eval_ws, inside  # noqa: F401 - fixture
 
 MODELS = ("teacher", "backbone_only", "student_stage1", "student")
@@ -46,7 +47,7 @@ def test_unavailable_lpips_fid_cmmd_are_reported_not_computed(evaluated):
 
 def test_missing_weight_path_is_named():
     x = torch.zeros(2, 3, 8, 8)
-    values, reasons = optional_metrics(EvaluationConfig(fid_weights="/nonexistent/inception.pth"), x, x)
+    values, reasons = optional_metrics(config({"evaluate": {"fid_weights": "/nonexistent/inception.pth"}}).evaluate, x, x)
     assert values["fid"] is None and "/nonexistent/inception.pth" in reasons["fid"]
 
 
@@ -58,9 +59,9 @@ def test_cmmd_is_computed_with_local_clip_weights(tmp_path):
                                                    num_attention_heads=2, image_size=16, patch_size=8,
                                                    projection_dim=8)).save_pretrained(tmp_path / "clip")
     a = torch.rand(4, 3, 16, 16) * 2 - 1
-    values, reasons = optional_metrics(EvaluationConfig(cmmd_weights=str(tmp_path / "clip")), a, a.flip(0))
+    values, reasons = optional_metrics(config({"evaluate": {"cmmd_weights": str(tmp_path / "clip")}}).evaluate, a, a.flip(0))
     assert "cmmd" not in reasons and values["cmmd"] == pytest.approx(0.0, abs=1e-6)  # same set of images
-    values, _ = optional_metrics(EvaluationConfig(cmmd_weights=str(tmp_path / "clip")), -a, a)
+    values, _ = optional_metrics(config({"evaluate": {"cmmd_weights": str(tmp_path / "clip")}}).evaluate, -a, a)
     assert values["cmmd"] > 0
 
 
@@ -78,7 +79,7 @@ def test_every_default_variant_builds_a_valid_config():
         assert vcfg.seed == 1 and vcfg.distill.stage1.train.batch_size == ab.batch_size
         total = vcfg.distill.stage1.train.steps + (vcfg.distill.stage2.train.steps if two_stage else 0)
         assert total == ab.stage1_steps + ab.stage2_steps, name  # same total steps for every variant
-    assert ablation.variant_config(cfg, "wo_cf", 0)[0].distill.stage2.loss.af == 0
+    assert ablation.variant_config(cfg, "wo_af", 0)[0].distill.stage2.loss.af == 0
     assert ablation.variant_config(cfg, "wo_mask", 0)[0].distill.alpha == 0.5
     s = ablation.variant_config(cfg, "from_scratch", 0)[0].distill.stage1.loss
     assert (s.task, s.distill, s.af) == (1.0, 0.0, 0.0)

@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.data.shards import load_split, write_shard
-from pipeline.validation.gates import GatesConfig, captions_gate, encoded_gate, triplets_gate
+from tests.params import REPO, config
+from pipeline.validation.gates import captions_gate, encoded_gate, triplets_gate
 from pipeline.validation.gx import GateError
 from stages.validate_triplets import main as validate_triplets_main
 from tests.helpers_data import build_tiny
@@ -22,7 +23,7 @@ def data(tmp_path_factory):
 
 
 def test_good_data_passes(data, tmp_path):
-    g = GatesConfig(out_dir=str(tmp_path))
+    g = config({"gates": {"out_dir": str(tmp_path)}}).gates
     assert triplets_gate(data / "triplets/manifest.parquet", g, 32)["success"]
     assert captions_gate(data / "captions/captions.parquet", data / "triplets/manifest.parquet", g)["success"]
     report = json.loads((tmp_path / "triplets.json").read_text())
@@ -35,7 +36,7 @@ def test_broken_manifest_fails_with_readable_message(data, tmp_path, capsys):
     m.loc[4, "mask_fraction"] = 1.0          # mask covers everything
     m.loc[5, "image"] = None                 # null path
     m.to_parquet(data / "triplets/broken.parquet", index=False)
-    rc = validate_triplets_main(["--params", str(tmp_path / "none.yaml"), "--manifest",
+    rc = validate_triplets_main(["--params", str(REPO / "params.yaml"), "--manifest",
                                  str(data / "triplets/broken.parquet"), "--out-dir", str(tmp_path)])
     err = capsys.readouterr().err
     assert rc == 1
@@ -53,7 +54,7 @@ def test_broken_captions(data, tmp_path):
     c.loc[1, "local_prompt"] = ""
     c.to_parquet(tmp_path / "c.parquet", index=False)
     with pytest.raises(GateError, match="local_differs_from_global") as exc:
-        captions_gate(tmp_path / "c.parquet", data / "triplets/manifest.parquet", GatesConfig(out_dir=str(tmp_path)))
+        captions_gate(tmp_path / "c.parquet", data / "triplets/manifest.parquet", config({"gates": {"out_dir": str(tmp_path)}}).gates)
     assert "expect_column_value_lengths_to_be_between(local_prompt" in str(exc.value)
 
 
@@ -75,7 +76,7 @@ def _write_encoded(root, manifest, nan=False, channels=16, num_shards=2):
 
 def test_encoded_gate(data, tmp_path):
     m = pd.read_parquet(data / "triplets/manifest.parquet")
-    g = GatesConfig(out_dir=str(tmp_path / "g"))
+    g = config({"gates": {"out_dir": str(tmp_path / "g")}}).gates
     _write_encoded(tmp_path / "ok", m)
     assert encoded_gate(tmp_path / "ok", data / "triplets/manifest.parquet", g)["success"]
     assert load_split(tmp_path / "ok", "val")[0] == sorted(m.loc[m["split"] == "val", "id"])
@@ -101,7 +102,7 @@ def test_encoded_gate(data, tmp_path):
 
 def test_encoded_gate_missing_split_and_stale_shards(data, tmp_path):
     m = pd.read_parquet(data / "triplets/manifest.parquet")
-    g = GatesConfig(out_dir=str(tmp_path / "g"))
+    g = config({"gates": {"out_dir": str(tmp_path / "g")}}).gates
     _write_encoded(tmp_path / "enc", m)
     for f in (tmp_path / "enc/val").iterdir():   # a split the manifest has, never encoded
         f.unlink()

@@ -25,7 +25,7 @@ def test_apply_profile_keeps_comments_and_reads_back_as_the_merge(tmp_path):
         [l for l in after.splitlines() if l.lstrip().startswith("#")]
     data = yaml.safe_load(after)
     assert data["distill"]["stage1"]["train"]["lr"] == 1e-5           # a float to PyYAML, not '1e-05'
-    assert data["distill"]["mixed_precision"] == "no"                 # quotes kept: not the boolean False
+    assert data["distill"]["mixed_precision"] == "fp32"
     assert data["teacher"]["gate_min_gain_db"] is None
     assert apply_profile("default", root) == root / "params.yaml" and (root / "params.yaml").read_text() == after
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import from_dict
+from tests.params import config
 from pipeline.reporting.report import PAPER, build_report
 from tests.helpers_eval import EVAL_PARAMS, ensure_outputs, eval_ws, inside  # noqa: F401 - fixture
 
@@ -94,7 +94,7 @@ def test_report_figures_exist(report):
 
 
 def test_report_without_ablations_or_benchmark(tmp_path):
-    cfg = from_dict(EVAL_PARAMS)
+    cfg = config(EVAL_PARAMS)
     ev = {"n_images": 2, "psnr": 12.0, "ssim": 0.5, "psnr_masked": 9.0, "ssim_masked": 0.4, "psnr_unmasked": 14.0,
           "ssim_unmasked": 0.6, "controlnet_params": 10, "controlnet_layers": 3, "lpips": None,
           "not_computed": {"lpips": "no local weights"}}

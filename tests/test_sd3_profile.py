@@ -57,12 +57,8 @@ def tiny_cfg(tiny, **more):
 
 
 def test_sd3_profile_parses_and_validates():
-    from pipeline.captions.config import CaptionConfig
-    from pipeline.config import section
-    from pipeline.models.pretrained import world_config
-
     cfg = sd3_cfg()
-    w = world_config(cfg)
+    w = cfg.world
     assert w.source == "pretrained" and w.allow_download is False and w.require_t5
     assert w.foundation.repo == "stabilityai/stable-diffusion-3-medium-diffusers"
     assert w.teacher.repo == "alimama-creative/SD3-Controlnet-Inpainting"
@@ -70,7 +66,7 @@ def test_sd3_profile_parses_and_validates():
         (1024, 24, 23, 12)
     assert cfg.text.max_sequence_length == 256
     assert cfg.distill.mixed_precision == "bf16" and cfg.distill.gradient_checkpointing
-    cap = section(cfg, "caption", CaptionConfig)
+    cap = cfg.caption
     assert cap.backend == "qwen2_5_vl" and cap.qwen.model == "Qwen/Qwen2.5-VL-7B-Instruct"
     assert sd3_cfg(data={"image_size": 512}).data.image_size == 512  # the documented option
 

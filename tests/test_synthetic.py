@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.config import ConfigError, from_dict
+from pipeline.config import ConfigError
+from tests.params import config
 from pipeline.data import prompts
 from pipeline.data.images import load_manifest, read_images, read_masks
 from pipeline.data.synthetic import MANIFEST_COLUMNS, generate_scenes, make_scene, scene_rng
@@ -17,7 +18,7 @@ SMALL = {"data": {"splits": {"labelled": 12, "unlabelled": 8, "val": 4, "test": 
 
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory):
-    cfg = from_dict(SMALL)
+    cfg = config(SMALL)
     out = tmp_path_factory.mktemp("s") / "scenes"
     df = generate_scenes(cfg.data, cfg.seed, out, progress=False)
     return cfg, out, df
@@ -41,7 +42,7 @@ def test_deterministic_and_split_independent(scenes, tmp_path):
     # changing another split's count changes nothing in this one
     raw = json.loads(json.dumps(SMALL))
     raw["data"]["splits"]["labelled"] = 3
-    cfg2 = from_dict(raw)
+    cfg2 = config(raw)
     df2 = generate_scenes(cfg2.data, cfg2.seed, tmp_path / "s2", progress=False)
     cols = ["id", "objects", "global_prompt", "local_prompt", "mask_fraction"]
     for split in ("unlabelled", "val", "test"):
@@ -111,4 +112,4 @@ def test_readers(scenes):
 ])
 def test_bad_params_name_key(raw, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        from_dict(raw)
+        config(raw)

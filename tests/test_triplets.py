@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.config import from_dict
+from tests.params import REPO, config
 from pipeline.data.images import load_manifest
 from pipeline.data.synthetic import generate_scenes
-from pipeline.data.triplets import TripletsConfig, build_triplets, load_input, merge_shards
+from pipeline.data.triplets import build_triplets, load_input, merge_shards
 from stages.build_triplets import main as stage_main
 
 BAD_KINDS = {"missing_file", "unreadable", "size_mismatch", "empty_mask", "full_mask", "duplicate_id",
@@ -59,7 +59,7 @@ def corpus(tmp_path):
 
 def test_fail_policy_lists_bad_rows_and_leaves_nothing(corpus, tmp_path, capsys):
     out = tmp_path / "out"
-    rc = stage_main(["--params", str(tmp_path / "none.yaml"), "--manifest", str(corpus), "--out", str(out)])
+    rc = stage_main(["--params", str(REPO / "params.yaml"), "--manifest", str(corpus), "--out", str(out)])
     err = capsys.readouterr().err
     assert rc == 1
     assert "9 bad row(s)" in err and "nope.png" in err and "missing file" in err
@@ -69,7 +69,7 @@ def test_fail_policy_lists_bad_rows_and_leaves_nothing(corpus, tmp_path, capsys)
 
 def test_skip_policy_rejects_every_kind(corpus, tmp_path):
     out = tmp_path / "out"
-    rc = stage_main(["--params", str(tmp_path / "none.yaml"), "--manifest", str(corpus), "--out", str(out),
+    rc = stage_main(["--params", str(REPO / "params.yaml"), "--manifest", str(corpus), "--out", str(out),
                      "--on-bad", "skip"])
     assert rc == 0
     rejects = pd.read_csv(out / "rejects.csv")
@@ -96,19 +96,19 @@ def test_jsonl_and_folders(tmp_path):
     m = np.zeros((32, 32), np.uint8)
     m[4:9, 4:9] = 255
     _png(d / "masks" / "p.png", m)
-    rows = load_input(TripletsConfig(source="folders", image_dir=str(d), mask_dir=str(d / "masks")), "")
-    df, metrics = build_triplets(rows, TripletsConfig(), 32, tmp_path / "o1", progress=False)
+    rows = load_input(config().triplets.model_copy(update=dict(source="folders", image_dir=str(d), mask_dir=str(d / "masks"))), "")
+    df, metrics = build_triplets(rows, config().triplets, 32, tmp_path / "o1", progress=False)
     assert list(df["mask_kind"]) [0] == "given" and df["mask_kind"][1] in ("stroke", "box")
     (tmp_path / "m.jsonl").write_text('{"image": "imgs/p.png", "mask": "imgs/masks/p.png", "prompt": "grey"}\n')
-    rows = load_input(TripletsConfig(source="manifest", manifest=str(tmp_path / "m.jsonl")), "")
-    df, _ = build_triplets(rows, TripletsConfig(), 32, tmp_path / "o2", progress=False)
+    rows = load_input(config().triplets.model_copy(update=dict(source="manifest", manifest=str(tmp_path / "m.jsonl"))), "")
+    df, _ = build_triplets(rows, config().triplets, 32, tmp_path / "o2", progress=False)
     assert df["local_prompt"].tolist() == ["grey"] and df["mask_fraction"][0] == 25 / 1024
 
 
 def test_shard_union_equals_unsharded(tmp_path):
-    cfg = from_dict({"data": {"splits": {"labelled": 10, "unlabelled": 6, "val": 3, "test": 3}}})
+    cfg = config({"data": {"splits": {"labelled": 10, "unlabelled": 6, "val": 3, "test": 3}}})
     generate_scenes(cfg.data, cfg.seed, tmp_path / "scenes", progress=False)
-    tcfg = TripletsConfig()
+    tcfg = config().triplets
     rows = load_input(tcfg, tmp_path / "scenes" / "manifest.parquet")
     full, _ = build_triplets(rows, tcfg, 32, tmp_path / "full", progress=False)
     assert full[full.split == "unlabelled"][["local_prompt", "global_prompt"]].isna().all().all()

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.captions.cache import CaptionCache, cache_key
-from pipeline.captions.config import QwenConfig
+from pipeline.config import QwenConfig
 from pipeline.data.images import load_mask
 
 

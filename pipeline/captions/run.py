@@ -10,7 +10,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from pipeline.captions.annotations import add_noise, annotate
-from pipeline.captions.config import CaptionConfig
+from pipeline.config import CaptionConfig
 from pipeline.data.images import load_manifest
 from pipeline.data.triplets import in_shard
 

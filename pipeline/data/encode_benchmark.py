@@ -21,9 +21,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 from diffusers import SD3ControlNetModel
-from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.config import Config
+from pipeline.config import Config, EncodeBenchmarkConfig
 from pipeline.data.encode import encode_rows, joined
 from pipeline.data.shards import load_split
 from pipeline.distill.trainer import SPLIT_OF, DistillLoss, build_student
@@ -31,16 +30,6 @@ from pipeline.models import inpaint
 from pipeline.models.world import load_foundation
 from pipeline.training import batch_indices, step_generator
 
-
-class EncodeBenchmarkConfig(BaseModel):
-    """Params section ``encode_benchmark``."""
-
-    model_config = ConfigDict(extra="forbid")
-    steps: int = Field(3, ge=1, description="timed training steps per arm and round")
-    batch_size: int = Field(8, ge=1)
-    repeats: int = Field(3, ge=1, description="alternating rounds; the median rate is reported")
-    warmup_steps: int = Field(1, ge=0, description="untimed steps per arm before the rounds")
-    device: str = Field("auto", description="auto (cuda when available) | cpu | cuda[:i]")
 
 
 def _device(name: str) -> torch.device:

@@ -22,9 +22,9 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
+from pipeline.config import TripletsConfig
 from pipeline.data.images import MASK_THRESHOLD
 from pipeline.data.synthetic import SPLITS, atomic_dir, commit_dir, random_mask
 
@@ -34,19 +34,6 @@ OUTPUT_COLUMNS = [
 ]
 REJECT_COLUMNS = ["row", "id", "file", "kind", "reason"]
 
-
-class TripletsConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    source: Literal["synthetic", "manifest", "folders"] = "synthetic"
-    manifest: str | None = Field(None, description="user manifest (csv/parquet/jsonl) for source=manifest")
-    image_dir: str | None = None
-    mask_dir: str | None = None
-    default_split: Literal["labelled", "unlabelled", "val", "test"] = "labelled"
-    mask_kinds: tuple[Literal["stroke", "box"], ...] = ("stroke", "box")
-    mask_seed: int = 0
-    resize: Literal["center_crop", "stretch"] = "center_crop"
-    on_bad: Literal["fail", "skip"] = "fail"
-    report_rows: int = Field(10, ge=1, description="bad rows listed in the failure message")
 
 
 class BadRowsError(RuntimeError):

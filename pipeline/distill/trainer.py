@@ -135,7 +135,7 @@ def distill(cfg: Config, stage: Stage, *, foundation: Path, teacher: Path, encod
     loop = Loop(stage, student, data, loss, stage_cfg.train, cfg.seed + (0 if stage == "stage1" else 1), checkpoints,
                 checkpoint_every=cfg.distill.checkpoint_every, keep_checkpoints=cfg.distill.keep_checkpoints,
                 live_dir=live, gradient_accumulation_steps=cfg.distill.gradient_accumulation_steps,
-                mixed_precision=cfg.distill.mixed_precision, ema_decay=cfg.distill.ema_decay,
+                mixed_precision=cfg.distill.accelerate_precision, ema_decay=cfg.distill.ema_decay,
                 max_steps_this_run=max_steps_this_run, on_start=place_frozen,
                 optimizer=cfg.distill.optimizer, fingerprint=f"{cfg.seed}{cfg.scheduler}{cfg.distill}")
     result = loop.run()

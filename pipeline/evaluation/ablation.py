@@ -4,7 +4,7 @@ the `evaluate` stage evaluates the main student (same test images, seed, steps, 
 
 Variants (params ``ablations.variants``; each ``{two_stage: bool, overrides: {...params...}}``):
   full          two-stage, tri-level loss (the method)
-  wo_cf         no L_af (the asymmetric feature alignment) in either stage
+  wo_af         no L_af (the asymmetric feature alignment) in either stage
   wo_mask       alpha = 0.5: no mask weighting of L_task
   single_stage  stage 1 only, for the same total steps
   from_scratch  L_task only, no teacher terms, stage 1 only for the same total steps
@@ -18,67 +18,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-from pipeline.config import Config, deep_merge, from_dict, section
-
-NO_AF = {"af": 0.0}
-
-
-class Variant(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    two_stage: bool = True
-    overrides: dict = Field(default_factory=dict, description="params deep-merged over the ablation budget")
-
-
-DEFAULT_VARIANTS: dict[str, Variant] = {
-    "full": Variant(),
-    "wo_cf": Variant(overrides={"distill": {"stage1": {"loss": NO_AF}, "stage2": {"loss": NO_AF}}}),
-    "wo_mask": Variant(overrides={"distill": {"alpha": 0.5}}),
-    "single_stage": Variant(two_stage=False),
-    "from_scratch": Variant(two_stage=False,
-                            overrides={"distill": {"stage1": {"loss": {"task": 1.0, "distill": 0.0, "af": 0.0}}}}),
-    "global_prompt": Variant(overrides={"distill": {"stage1": {"prompt": "global"}, "stage2": {"prompt": "global"}}}),
-    "layers_10": Variant(overrides={"distill": {"student_layers": 10}}),
-    "layers_15": Variant(overrides={"distill": {"student_layers": 15}}),
-    "layers_6": Variant(overrides={"distill": {"student_layers": 6}}),
-}
-
-
-class AblationConfig(BaseModel):
-    """params section ``ablations``: a smaller training budget than the main student, so the matrix fits
-    the default profile's time budget. Raise it (and the seeds) with ``dvc exp run -S``."""
-
-    model_config = ConfigDict(extra="forbid")
-    stage1_steps: int = Field(30, ge=1)
-    stage2_steps: int = Field(15, ge=1)
-    batch_size: int = Field(8, ge=1)
-    warmup_steps: int = Field(3, ge=0)
-    headline: list[str] = Field(["full", "from_scratch"], description="variants run at every headline seed")
-    headline_seeds: list[int] = [0, 1, 2]
-    others: list[str] = Field(["wo_cf", "wo_mask", "single_stage", "global_prompt", "layers_10", "layers_15",
-                               "layers_6"], description="variants run at `seeds`")
-    seeds: list[int] = [0]
-    variants: dict[str, Variant] = DEFAULT_VARIANTS
-
-    @model_validator(mode="after")
-    def _check(self):
-        unknown = [v for v in (*self.headline, *self.others) if v not in self.variants]
-        if unknown:
-            raise ValueError(f"unknown variants {unknown}; defined: {sorted(self.variants)}")
-        both = set(self.headline) & set(self.others)
-        if both:
-            raise ValueError(f"variants {sorted(both)} are in both headline and others (one DVC stage each)")
-        return self
-
-    def runs(self) -> list[tuple[str, int]]:
-        """Every (variant, seed) the two matrix stages run, headline first."""
-        return ([(v, s) for v in self.headline for s in self.headline_seeds]
-                + [(v, s) for v in self.others for s in self.seeds])
+from pipeline.config import AblationConfig, Config, deep_merge, from_dict
 
 
 def ablation_config(cfg: Config) -> AblationConfig:
-    return section(cfg, "ablations", AblationConfig)
+    return cfg.ablations
 
 
 def run_name(variant: str, seed: int) -> str:
@@ -86,8 +30,8 @@ def run_name(variant: str, seed: int) -> str:
 
 
 def raw_params(cfg: Config) -> dict:
-    """The Config back as a params dict (module-owned sections at top level), for deep_merge."""
-    return {**cfg.model_dump(mode="json", exclude={"extra"}), **cfg.extra}
+    """The Config back as a params dict, for deep_merge."""
+    return cfg.model_dump(mode="json")
 
 
 def variant_config(cfg: Config, variant: str, seed: int) -> tuple[Config, bool]:

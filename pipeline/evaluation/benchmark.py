@@ -25,27 +25,11 @@ import warnings
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline.config import Config, section
+from pipeline.config import BenchmarkConfig, Config
 from pipeline.models.controlled import Controlled
 
-
-class BenchmarkConfig(BaseModel):
-    """params section ``benchmark``."""
-
-    model_config = ConfigDict(extra="forbid")
-    batch_size: int = Field(8, ge=1)
-    warmup: int = Field(2, ge=0)
-    repeats: int = Field(10, ge=1)
-    timestep: float = Field(500.0, ge=0, le=1000)
-    extra_layers: list[int] = Field([6, 10, 15], description="untrained student depths measured too")
-    threads: int | None = Field(None, ge=1, description="torch.set_num_threads; null keeps the default")
-
-
-def benchmark_config(cfg: Config) -> BenchmarkConfig:
-    return section(cfg, "benchmark", BenchmarkConfig)
 
 
 def n_params(model) -> int:
@@ -153,7 +137,7 @@ def run_benchmark(cfg: Config, foundation: Path, models: dict[str, Path], distil
 
     if "teacher" not in models:
         raise ValueError("benchmark: the models must include the teacher (the speedup reference)")
-    bc = benchmark_config(cfg)
+    bc = cfg.benchmark
     if bc.threads:
         torch.set_num_threads(bc.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -7,7 +7,7 @@ StableDiffusion3ControlNetInpaintingPipeline's conventions; tests/test_sampler.p
 - ``psnr``/``ssim`` on the whole image, ``*_masked`` on the hole, ``*_unmasked`` outside it (torchmetrics);
 - ``agree_psnr``/``agree_ssim``: the model's output against the teacher's at the same seed (students and
   the no-control baseline);
-- ``lpips``/``fid``/``cmmd``: only when their weights exist locally (params ``evaluation.*_weights``);
+- ``lpips``/``fid``/``cmmd``: only when their weights exist locally (params ``evaluate.*_weights``);
   otherwise null, with the reason under ``not_computed``. Never estimated.
 """
 
@@ -22,9 +22,8 @@ import pandas as pd
 import torch
 from diffusers import SD3ControlNetModel
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.config import Config, section
+from pipeline.config import Config, EvaluateConfig
 from pipeline.data.images import read_images, read_masks
 from pipeline.evaluation.quality import psnr, ssim
 from pipeline.evaluation.sampler import inpaint_all
@@ -34,23 +33,6 @@ TEACHER = "teacher"
 BACKBONE_ONLY = "backbone_only"
 OPTIONAL = ("lpips", "fid", "cmmd")
 
-
-class EvaluationConfig(BaseModel):
-    """params section ``evaluation`` (the sampling settings themselves are ``evaluate``)."""
-
-    model_config = ConfigDict(extra="forbid")
-    num_samples: int = Field(4, ge=0, description="test images saved as PNGs for the report's sample grid")
-    lpips_weights: str | None = Field(None, description="TORCH_HOME holding torchvision's backbone weights "
-                                                        "(hub/checkpoints/*.pth); needs torchvision")
-    lpips_net: str = "alex"
-    fid_weights: str | None = Field(None, description="InceptionV3 FID weights file (pt_inception-2015-12-05); "
-                                                      "needs torch-fidelity")
-    cmmd_weights: str | None = Field(None, description="a local CLIP model folder (CLIPVisionModelWithProjection), "
-                                                       "e.g. openai/clip-vit-large-patch14-336")
-
-
-def evaluation_config(cfg: Config) -> EvaluationConfig:
-    return section(cfg, "evaluation", EvaluationConfig)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -186,7 +168,7 @@ def _cmmd(path: str, pred, target) -> float:
     return mmd(clip_embeddings(model, target), clip_embeddings(model, pred))
 
 
-def optional_metrics(ec: EvaluationConfig, pred: torch.Tensor, target: torch.Tensor) -> tuple[dict, dict]:
+def optional_metrics(ec: EvaluateConfig, pred: torch.Tensor, target: torch.Tensor) -> tuple[dict, dict]:
     """(values, reasons): a metric whose weights are not present locally is None with a reason."""
     values: dict[str, float | None] = {}
     reasons: dict[str, str] = {}
@@ -194,7 +176,7 @@ def optional_metrics(ec: EvaluationConfig, pred: torch.Tensor, target: torch.Ten
         path = getattr(ec, f"{name}_weights")
         values[name] = None
         if path is None:
-            reasons[name] = f"no local weights (params evaluation.{name}_weights is null); never estimated"
+            reasons[name] = f"no local weights (params evaluate.{name}_weights is null); never estimated"
             continue
         if not Path(path).exists():
             reasons[name] = f"weights not found at {path}; never estimated"
@@ -211,7 +193,7 @@ def optional_metrics(ec: EvaluationConfig, pred: torch.Tensor, target: torch.Ten
     return values, reasons
 
 
-def score(name: str, pred, images, hole, reference, ec: EvaluationConfig) -> dict:
+def score(name: str, pred, images, hole, reference, ec: EvaluateConfig) -> dict:
     m = {"n_images": len(pred), **quality(pred, images, hole)}
     if reference is not None and name != TEACHER:
         m.update(agreement(pred, reference))
@@ -229,7 +211,7 @@ def evaluate_models(cfg: Config, pipe, models: dict[str, str | Path | None], df:
     """Inpaint ``df`` (rows with image, mask, prompts) with each model; ``models``: name -> ControlNet
     folder, or None for the backbone alone. The teacher (when listed) is sampled first and is every other
     model's agreement reference. Returns (metrics per model, outputs per model, inputs)."""
-    ec = evaluation_config(cfg)
+    ec = cfg.evaluate
     images, masks = load_pixels(df, cfg.data.image_size)
     hole = inpaint.binarise(masks)
     prompts = list(df[prompt])

@@ -27,38 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from pipeline.config import Config, ConfigError, section
+from pipeline.config import SHA, Config, ConfigError, ModelRef, WorldConfig
 
 # Files a diffusers / transformers model folder needs (the hub repos also hold images and single-file
 # checkpoints that we never read).
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
 PIPELINE_COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3",
                        "tokenizer", "tokenizer_2", "tokenizer_3", "scheduler")
-SHA = re.compile(r"^[0-9a-f]{40}$")
-
-
-class ModelRef(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    repo: str = Field(..., description="hub repo id, e.g. stabilityai/stable-diffusion-3-medium-diffusers")
-    revision: str | None = Field(None, description="commit sha (pin it) or branch; None = main")
-    local_dir: str | None = Field(None, description="a folder in the repo's layout; used before the hub cache")
-
-
-class WorldConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    source: Literal["embedded", "pretrained"] = "embedded"
-    foundation: ModelRef | None = None
-    teacher: ModelRef | None = None
-    cache_dir: str | None = Field(None, description="hub cache; None = HF_HUB_CACHE / HF_HOME/hub default")
-    allow_download: bool = Field(False, description="download what the cache lacks (needs network)")
-    require_t5: bool = Field(True, description="the foundation must ship text_encoder_3 / tokenizer_3")
-    require_pinned: bool = Field(False, description="fail unless every revision is a 40-hex commit sha")
-    link: Literal["symlink", "hardlink", "copy"] = Field(
-        "symlink", description="how models/* are materialised from the resolved files")
-    dtype: Literal["bfloat16", "float16", "float32"] = Field(
-        "bfloat16", description="dtype the frozen pretrained models are loaded in on GPUs")
 
 
 class ModelError(ConfigError):
@@ -66,18 +41,7 @@ class ModelError(ConfigError):
 
 
 def world_config(cfg: Config) -> WorldConfig:
-    w = section(cfg, "world", WorldConfig)
-    if w.source == "pretrained":
-        missing = [k for k in ("foundation", "teacher") if getattr(w, k) is None]
-        if missing:
-            raise ConfigError(f"invalid params:\n  world.{missing[0]}: required when world.source is 'pretrained'")
-        if w.require_pinned:
-            for k in ("foundation", "teacher"):
-                rev = getattr(w, k).revision
-                if not (rev and SHA.match(rev)):
-                    raise ConfigError(f"invalid params:\n  world.{k}.revision: {rev!r} is not a commit sha "
-                                      "(world.require_pinned is true)")
-    return w
+    return cfg.world
 
 
 def is_pretrained(cfg: Config) -> bool:
@@ -330,12 +294,10 @@ class World:
 
 
 def captioner_ref(cfg: Config) -> ModelRef | None:
-    from pipeline.captions.config import CaptionConfig
-
-    cap = section(cfg, "caption", CaptionConfig)
+    cap = cfg.caption
     if cap.backend != "qwen2_5_vl":
         return None
-    return ModelRef(repo=cap.qwen.model, revision=cap.qwen.revision)
+    return ModelRef(repo=cap.qwen.model, revision=cap.qwen.revision, local_dir=None)
 
 
 def preflight(cfg: Config, captioner: bool = True) -> World:

@@ -1,37 +1,16 @@
-"""The ``flows:`` section of params.yaml: how the Prefect flows run the DVC stages."""
+"""The ``flows:`` section of a workspace's params.yaml: how the Prefect flows run the DVC stages."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pipeline.config import FlowSettings, ShardSpec, load
 
-TRAINING_STAGES = ("foundation*", "teacher*", "stage1*", "stage2*", "ablat*")
+__all__ = ["FlowSettings", "ShardSpec", "TRAINING_STAGES", "flow_settings"]
 
-
-class ShardSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    command: str = Field(..., description="template with {shard} (i/N), {index}, {num_shards}, {out}")
-    num_shards: int = Field(2, ge=1)
-    out: str = Field(..., description="the stage's output folder; shard i writes to <out>.shards/shard-i")
-
-
-class FlowSettings(BaseModel):
-    """The ``flows:`` section of params.yaml (all optional)."""
-
-    model_config = ConfigDict(extra="forbid")
-    retries: int = Field(1, ge=0, description="retries of a stage after a transient failure")
-    retry_delay_seconds: float = Field(10, ge=0)
-    no_retry_stages: list[str] = Field(["validate*"], description="globs: failures here are never retried")
-    dask_address: str | None = Field(None, description="scheduler address; None = local processes")
-    dask_workers: int | None = Field(None, ge=1, description="local cluster size (default: min(shards, CPUs))")
-    accelerate_config: str | None = Field(None, description="accelerate config file for training stages")
-    accelerate_stages: list[str] = Field(list(TRAINING_STAGES))
-    sharded: dict[str, ShardSpec] = Field(default_factory=dict, description="stage -> sharded command")
+TRAINING_STAGES = tuple(FlowSettings.model_fields["accelerate_stages"].default)
 
 
 def flow_settings(workspace: str | Path) -> FlowSettings:
-    path = Path(workspace) / "params.yaml"
-    raw = (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
-    return FlowSettings(**(raw.get("flows") or {}))
+    """The workspace's validated ``flows`` section (the whole params file is validated)."""
+    return load(Path(workspace) / "params.yaml").flows

@@ -11,9 +11,8 @@ import json
 import statistics
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.config import Config, section
+from pipeline.config import Config
 from pipeline.evaluation.ablation import ablation_config, run_name
 from pipeline.metrics_io import write_json
 
@@ -21,13 +20,13 @@ from pipeline.metrics_io import write_json
 PAPER = {
     "teacher_psnr": 19.71, "teacher_ssim": 0.7535,
     "student_psnr": 19.25, "student_ssim": 0.7505,
-    "wo_cf_psnr": 19.17, "wo_mask_psnr": 18.98, "single_stage_psnr": 18.81,
+    "wo_af_psnr": 19.17, "wo_mask_psnr": 18.98, "single_stage_psnr": 18.81,
 }
 PAPER_ROWS = [  # (label, paper key prefix, ours: ("eval", model) or ("ablation", variant))
     ("Teacher", "teacher", ("eval", "teacher")),
     ("Student, two-stage, full loss", "student", ("eval", "student")),
     ("Student, two-stage, full loss (ablation budget)", None, ("ablation", "full")),
-    ("w/o L_af (feature alignment)", "wo_cf", ("ablation", "wo_cf")),
+    ("w/o L_af (feature alignment)", "wo_af", ("ablation", "wo_af")),
     ("w/o mask weighting (alpha 0.5)", "wo_mask", ("ablation", "wo_mask")),
     ("Single stage (stage 1 only)", "single_stage", ("ablation", "single_stage")),
     ("From scratch (L_task only)", None, ("ablation", "from_scratch")),
@@ -36,17 +35,6 @@ PAPER_ROWS = [  # (label, paper key prefix, ours: ("eval", model) or ("ablation"
 EVAL_ORDER = ("teacher", "backbone_only", "student_stage1", "student")
 ABLATION_KEYS = ("psnr", "ssim", "psnr_masked", "ssim_masked", "psnr_unmasked", "agree_psnr", "agree_ssim")
 
-
-class ReportConfig(BaseModel):
-    """params section ``report``."""
-
-    model_config = ConfigDict(extra="forbid")
-    loss_stages: list[str] = Field(["stage1", "stage2"], description="dvclive/<stage> loss curves plotted")
-    title: str = "REFINE-CONTROL distillation report"
-
-
-def report_config(cfg: Config) -> ReportConfig:
-    return section(cfg, "report", ReportConfig)
 
 
 def _read(path: Path) -> dict | None:
@@ -248,7 +236,7 @@ def _throughput(c: dict) -> str:
 
 
 def render(cfg: Config, summary: dict, c: dict, figures: dict[str, str]) -> str:
-    rc = report_config(cfg)
+    rc = cfg.report
     s = summary["settings"]
     b = c["benchmark"]
     eval_n = next(iter(c["eval"].values()))["n_images"] if c["eval"] else None
@@ -312,7 +300,7 @@ def build_report(cfg: Config, metrics: Path, out_md: Path, figures_dir: Path, sa
         made["Samples: masked input, mask, ground truth, teacher, students"] = rel(p)
     if (p := figs.frontier(c, summary, figures_dir / "frontier.png")):
         made["PSNR vs ControlNet parameters"] = rel(p)
-    if (p := figs.loss_curves(dvclive_dir, report_config(cfg).loss_stages, figures_dir / "loss_curves.png")):
+    if (p := figs.loss_curves(dvclive_dir, cfg.report.loss_stages, figures_dir / "loss_curves.png")):
         made["Distillation loss curves"] = rel(p)
     Path(out_md).parent.mkdir(parents=True, exist_ok=True)
     write_frontier_csv(c, summary, Path(out_md).parent / "frontier.csv")

@@ -6,8 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.config import ConfigError, from_dict, load, section
-from pipeline.validation.gates import GatesConfig
+from pipeline.config import ConfigError, load
 from pipeline.validation.gx import GateError
 
 
@@ -18,8 +17,8 @@ def gate_main(name: str, add_args, run, argv=None) -> int:
     add_args(ap)
     args = ap.parse_args(argv)
     try:
-        cfg = load(args.params) if Path(args.params).exists() else from_dict({})
-        gcfg = section(cfg, "gates", GatesConfig)
+        cfg = load(args.params)
+        gcfg = cfg.gates
         if args.out_dir:
             gcfg = gcfg.model_copy(update={"out_dir": args.out_dir})
         report = run(args, cfg, gcfg)

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field
+from pipeline.config import GatesConfig
 
 from pipeline.data.images import load_manifest
 from pipeline.data.shards import TENSOR_KEYS
@@ -15,17 +15,6 @@ from pipeline.data.synthetic import SPLITS
 from pipeline.validation.gx import Check, run_gate
 
 
-
-class GatesConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    out_dir: str = "metrics/gates"
-    mask_fraction_min: float = Field(0.001, ge=0, le=1)
-    mask_fraction_max: float = Field(0.99, ge=0, le=1)
-    caption_min_chars: int = Field(3, ge=1)
-    caption_max_chars: int = Field(200, ge=1)
-    caption_allowed: str = Field(r"^[A-Za-z0-9 ,.;:'()/&+-]+$", description="regex every prompt must match")
-    require_global: bool = True
-    latent_channels: int = Field(16, ge=1)
 
 
 def _sha(path: str) -> str | None:

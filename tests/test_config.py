@@ -1,0 +1,75 @@
+"""pipeline/config.py: params.yaml is complete, unknown keys fail at any depth naming the closest known one."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from pipeline.config import Config, ConfigError, from_dict
+from tests.params import REPO, full
+
+
+def test_params_yaml_sets_every_key_and_the_schema_changes_no_output():
+    raw = full()
+    cfg = from_dict(raw)
+    assert cfg.model_dump(mode="json")["distill"]["stage1"] == raw["distill"]["stage1"]
+    # a key missing from params.yaml is an error, not a silent default
+    del raw["distill"]["alpha"]
+    with pytest.raises(ConfigError, match=r"distill\.alpha: missing"):
+        from_dict(raw)
+
+
+@pytest.mark.parametrize("path, typo, hint", [
+    ((), "ablatoins", "ablations"),
+    (("distill",), "alhpa", "distill.alpha"),
+    (("distill", "stage1", "train"), "stpes", "distill.stage1.train.steps"),
+    (("caption", "qwen"), "modle", "caption.qwen.model"),
+])
+def test_unknown_key_at_any_depth_names_it_and_the_closest_known(path, typo, hint):
+    raw = full()
+    node = raw
+    for p in path:
+        node = node[p]
+    node[typo] = 1
+    with pytest.raises(ConfigError) as exc:
+        from_dict(raw)
+    key = ".".join([*path, typo])
+    assert f"{key}: unknown key; did you mean '{hint}'?" in str(exc.value)
+
+
+def test_bad_variant_override_fails_at_load_naming_the_variant():
+    raw = full({"ablations": {"variants": {"full": {"two_stage": True, "overrides": {"distill": {"alhpa": 1}}}}}})
+    with pytest.raises(ConfigError, match=r"(?s)ablations\.variants\.full\.overrides.*distill\.alhpa: unknown key"):
+        from_dict(raw)
+
+
+def test_bad_value_in_any_section_fails_at_load():
+    with pytest.raises(ConfigError, match=r"ablations\.stage1_steps: Input should be greater than or equal to 1"):
+        from_dict(full({"ablations": {"stage1_steps": -5}}))
+
+
+def test_no_value_that_a_yaml_rewrite_can_reinterpret():
+    """`dvc exp run -S` rewrites params.yaml unquoted: no string may read back as a bool or null."""
+    def leaves(x, key=""):
+        if isinstance(x, dict):
+            for k, v in x.items():
+                yield from leaves(v, f"{key}.{k}" if key else k)
+        elif isinstance(x, list):
+            for v in x:
+                yield from leaves(v, key)
+        else:
+            yield key, x
+    for key, value in leaves(full()):
+        if isinstance(value, str):
+            assert yaml.safe_load(value) is not None and not isinstance(yaml.safe_load(value), bool), key
+
+
+def test_cli_validates_and_prints(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "pipeline.config", str(REPO / "params.yaml")],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0 and Config(**yaml.safe_load(out.stdout))
+    bad = tmp_path / "p.yaml"
+    bad.write_text(yaml.safe_dump(full({"ablatoins": {}})))
+    out = subprocess.run([sys.executable, "-m", "pipeline.config", str(bad)], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 2 and "ablatoins: unknown key; did you mean 'ablations'?" in out.stderr
