@@ -1,9 +1,15 @@
-"""Each loss term against a direct computation on small tensors."""
+"""Each loss term against a direct computation on small tensors, and the sign of the flow-matching target."""
+
+import copy
 
 import pytest
 import torch
 
+from pipeline.config import SchedulerConfig
 from pipeline.distill.losses import af_loss, check_weights, distill_loss, mask_weights, task_loss
+from pipeline.models import flow
+
+SCHED = SchedulerConfig(shift=3.0, weighting_scheme="none", logit_mean=0.0, logit_std=1.0, mode_scale=1.29)
 
 
 def test_task_loss_weights_hole_alpha_and_outside_one_minus_alpha():
@@ -59,3 +65,43 @@ def test_bad_inputs_are_named():
         task_loss(torch.zeros(2, 4, 3, 3), torch.zeros(2, 4, 3, 3), torch.zeros(2, 1, 4, 4), 0.9)
     with pytest.raises(ValueError, match=r"unknown loss names \['perceptual'\]"):
         check_weights({"task": 1.0, "perceptual": 1.0})
+
+
+def test_flow_noising_is_x0_to_noise_and_target_is_noise_minus_x0():
+    torch.manual_seed(0)
+    x0 = torch.randn(4, 16, 8, 8)
+    sched = flow.training_scheduler(SCHED)
+    s = flow.add_noise(x0, sched, SCHED, torch.Generator().manual_seed(0))
+    sig = s.sigmas
+    assert sig.shape == (4, 1, 1, 1) and bool(((sig > 0) & (sig <= 1)).all())
+    assert torch.allclose(s.noisy, (1 - sig) * x0 + sig * s.noise)
+    assert torch.allclose(s.timesteps.float() / 1000, sig.flatten())  # what the transformer is told
+    tgt = flow.target(s, x0)
+    assert torch.equal(tgt, s.noise - x0)
+    assert flow.flow_loss(s.noise - x0, tgt, s.weighting).item() == 0
+    wrong = flow.flow_loss(x0 - s.noise, tgt, s.weighting).item()  # the flipped sign: 4 x E(noise - x0)^2
+    assert wrong == pytest.approx(4 * ((s.noise - x0) ** 2).mean().item(), rel=1e-5) and wrong > 4
+
+
+def test_flow_target_agrees_with_the_samplers_euler_step():
+    """One FlowMatch Euler step from pure noise with the target as the prediction lands on x0: training and
+    the stock sampler read the transformer's output with the same sign."""
+    torch.manual_seed(0)
+    x0, noise = torch.randn(2, 16, 4, 4), torch.randn(2, 16, 4, 4)
+
+    def euler_step(pred):
+        sched = copy.deepcopy(flow.training_scheduler(SCHED))
+        sched.set_timesteps(1)
+        assert float(sched.sigmas[0]) == pytest.approx(1.0) and float(sched.sigmas[1]) == 0
+        return sched.step(pred, sched.timesteps[0], noise.clone(), return_dict=False)[0]
+
+    torch.testing.assert_close(euler_step(noise - x0), x0)
+    assert (euler_step(x0 - noise) - x0).abs().mean() > 1
+
+
+def test_flow_loss_weights_samples_and_pixels():
+    pred, tgt = torch.randn(2, 3, 2, 2), torch.randn(2, 3, 2, 2)
+    w = torch.tensor([1.0, 3.0]).view(2, 1, 1, 1)
+    px = torch.rand(2, 1, 2, 2)
+    ref = torch.stack([(w[b] * px[b] * (pred[b] - tgt[b]) ** 2).mean() for b in range(2)]).mean()
+    assert flow.flow_loss(pred, tgt, w, px).item() == pytest.approx(ref.item(), rel=1e-6)

@@ -1,6 +1,6 @@
 """REFINE-CONTROL's tri-level loss: L = λ_task·L_task + λ_distill·L_distill + λ_af·L_af.
 
-- L_task: SD3's weighted flow-matching MSE of the student-controlled backbone against the data target,
+- L_task: SD3's weighted flow-matching MSE (pipeline.models.flow.flow_loss) of the student-controlled backbone against the data target,
   each latent pixel weighted α inside the hole and (1 - α) outside.
 - L_distill: MSE between the student- and teacher-controlled backbone outputs (same inputs).
 - L_af: Σ_j MSE(f^S_j, mean of the teacher layers that feed the same backbone blocks as j), the pairs
@@ -15,6 +15,8 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from pipeline.models.flow import flow_loss
 
 LOSS_NAMES = ("task", "distill", "af")
 
@@ -34,12 +36,10 @@ def mask_weights(hole: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 def task_loss(pred, target, hole, alpha: float, weighting: torch.Tensor | None = None) -> torch.Tensor:
+    """The flow-matching loss with every latent pixel weighted by ``mask_weights(hole, alpha)``."""
     if hole.shape[0] != pred.shape[0] or hole.shape[-2:] != pred.shape[-2:]:
         raise ValueError(f"mask: shape {tuple(hole.shape)} does not match the latents {tuple(pred.shape)}")
-    err = (pred.float() - target.float()) ** 2 * mask_weights(hole.float(), alpha)
-    if weighting is not None:
-        err = err * weighting.float()
-    return err.reshape(len(err), -1).mean(1).mean()
+    return flow_loss(pred, target, weighting, mask_weights(hole.float(), alpha))
 
 
 def distill_loss(student_pred, teacher_pred) -> torch.Tensor:

@@ -27,14 +27,6 @@ def drop_prompts(batch: dict, p: float, generator: torch.Generator, empty: dict)
     return embeds, pooled
 
 
-def flow_loss(pred: torch.Tensor, tgt: torch.Tensor, weighting: torch.Tensor, pixel_weight=None) -> torch.Tensor:
-    """SD3's weighted flow-matching MSE; ``pixel_weight`` (B,1,h,w) weights latent pixels (L_task)."""
-    err = weighting.float() * (pred.float() - tgt.float()) ** 2
-    if pixel_weight is not None:
-        err = err * pixel_weight
-    return err.reshape(len(err), -1).mean(1).mean()
-
-
 def train_backbone(cfg: Config, scenes_dir: Path, vae_dir: Path, out: Path, checkpoints: Path,
                    live: Path | None) -> dict:
     df = scenes(scenes_dir, TRAIN_SPLITS)
@@ -58,7 +50,7 @@ def train_backbone(cfg: Config, scenes_dir: Path, vae_dir: Path, out: Path, chec
         pe, pp = drop_prompts(batch, cfg.backbone.prompt_dropout, gen, empty)
         pred = model(hidden_states=s.noisy, timestep=s.timesteps, encoder_hidden_states=pe,
                      pooled_projections=pp, return_dict=False)[0]
-        return {"loss": flow_loss(pred, flow.target(s, x0), s.weighting)}
+        return {"loss": flow.flow_loss(pred, flow.target(s, x0), s.weighting)}
 
     loop = Loop("backbone", backbone, data, loss_fn, cfg.backbone.train, cfg.seed, checkpoints,
                 checkpoint_every=cfg.distill.checkpoint_every, keep_checkpoints=1, live_dir=live, fingerprint=f"{cfg.seed}{cfg.scheduler}{cfg.backbone.prompt_dropout}")

@@ -8,15 +8,14 @@ from pathlib import Path
 import torch
 
 from pipeline.config import Config
-from pipeline.foundation.backbone import drop_prompts, flow_loss
+from pipeline.foundation.backbone import drop_prompts
 from pipeline.foundation.data import TRAIN_SPLITS, encode_in_batches, pixels, scenes
 from pipeline.models import flow, inpaint
 from pipeline.models.controlled import Controlled
+from pipeline.models.mapping import TEACHER_CONVENTION
 from pipeline.models.student import controlnet_from_backbone
 from pipeline.models.world import encode_prompts, load_foundation
 from pipeline.training import Loop, save_atomic
-
-TEACHER_CONVENTION = "one_to_one"
 
 
 def train_teacher(cfg: Config, scenes_dir: Path, foundation_dir: Path, out: Path, checkpoints: Path,
@@ -41,7 +40,7 @@ def train_teacher(cfg: Config, scenes_dir: Path, foundation_dir: Path, out: Path
         pe, pp = drop_prompts(batch, cfg.teacher.prompt_dropout, gen, empty)
         res = ctrl.control(s.noisy, s.timesteps, pe, pp, batch["control"], controlnet=model)
         pred = ctrl.denoise(s.noisy, s.timesteps, pe, pp, res)
-        return {"loss": flow_loss(pred, flow.target(s, x0), s.weighting)}
+        return {"loss": flow.flow_loss(pred, flow.target(s, x0), s.weighting)}
 
     loop = Loop("teacher", teacher, data, loss_fn, cfg.teacher.train, cfg.seed, checkpoints,
                 checkpoint_every=cfg.distill.checkpoint_every, keep_checkpoints=1, live_dir=live, fingerprint=f"{cfg.seed}{cfg.scheduler}{cfg.teacher.prompt_dropout}",

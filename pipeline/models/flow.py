@@ -41,6 +41,21 @@ def target(sample: NoisySample, x0: torch.Tensor) -> torch.Tensor:
     return sample.noise - x0
 
 
+def flow_loss(pred: torch.Tensor, target: torch.Tensor, weighting: torch.Tensor | None = None,
+              pixel_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """SD3's weighted flow-matching MSE, the one loss the backbone, the teacher and L_task train with.
+
+    As train_controlnet_sd3.py: squared error times the per-sample SD3 weighting (B, 1, 1, 1), mean over
+    each sample, then over the batch; ``pixel_weight`` (B, 1, h, w) also weights latent pixels (L_task's
+    alpha / 1 - alpha). Computed in float32 whatever the autocast dtype."""
+    err = (pred.float() - target.float()) ** 2
+    if weighting is not None:
+        err = err * weighting.float()
+    if pixel_weight is not None:
+        err = err * pixel_weight.float()
+    return err.reshape(len(err), -1).mean(1).mean()
+
+
 def training_scheduler(cfg: SchedulerConfig):
     from diffusers import FlowMatchEulerDiscreteScheduler
 

@@ -15,6 +15,9 @@ Conventions
                 students: every layer is used for any ratio (24 / 10, 24 / 15), and the stock pipeline
                 injects a student exactly as we train it.
 Blocks whose mapped layer does not exist, and ``context_pre_only`` blocks, take no residual.
+
+Which model uses which convention is written here too (``TEACHER_CONVENTION``, ``STUDENT_CONVENTION``,
+``convention_of``): training, distillation, evaluation and the benchmark all read it from here.
 """
 
 from __future__ import annotations
@@ -25,6 +28,14 @@ import torch
 
 Convention = Literal["one_to_one", "interval"]
 CONVENTIONS: tuple[str, ...] = ("one_to_one", "interval")
+TEACHER_CONVENTION: Convention = "one_to_one"  # how the alimama teacher was trained (diffusers < 0.32)
+STUDENT_CONVENTION: Convention = "interval"    # the stock pipeline's rule today: a student runs there unchanged
+TEACHER = "teacher"                            # the teacher's name wherever models are listed by name
+
+
+def convention_of(name: str) -> Convention:
+    """The convention of a model listed by name: the teacher's for ``TEACHER``, else a student's."""
+    return TEACHER_CONVENTION if name == TEACHER else STUDENT_CONVENTION
 
 
 def control_to_block(
@@ -72,8 +83,8 @@ def af_pairs(
     num_blocks: int,
     teacher_layers: int,
     student_layers: int,
-    teacher_convention: Convention = "one_to_one",
-    student_convention: Convention = "interval",
+    teacher_convention: Convention = TEACHER_CONVENTION,
+    student_convention: Convention = STUDENT_CONVENTION,
     skip_blocks: Sequence[int] = (),
 ) -> list[list[int]]:
     """For each student layer j, the teacher layers that feed the same backbone blocks as j.
