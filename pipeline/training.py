@@ -1,19 +1,29 @@
 """One training loop for every model we train (VAE, backbone, teacher, students).
 
 accelerate for devices, mixed precision, gradient accumulation and multi-process runs; AdamW with linear
-warm-up and clipping; optional EMA; dvclive per-term logging; atomic checkpoints with resume.
+warm-up and clipping; optional EMA (diffusers' EMAModel); dvclive per-term logging; atomic checkpoints with
+resume.
 
-Determinism: the batch indices and the noise of step s come from generators seeded by (seed, s), so
-a run resumed from a checkpoint draws exactly what the uninterrupted run drew: on CPU their final
-weights are equal. accelerate's saved RNG states are restored as well, for anything else.
+Determinism: an optimizer step s trains on a global batch of ``batch_size x gradient_accumulation_steps``
+samples drawn by a generator seeded by (seed, s), cut into micro-batches; micro-batch j draws its noise
+from a generator seeded by (seed, s, j). Which process or accumulation round handles micro-batch j does not
+change what it draws, so a run resumed from a checkpoint equals the uninterrupted run (on CPU bit for bit),
+and a 2-process run equals a 1-process run with 2 accumulation rounds up to float summation order.
+
+Resume: checkpoints carry a key of everything they were made from (params including steps, data, initial
+weights, frozen models); a run resumes only from checkpoints with its own key.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
 import shutil
+import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +36,14 @@ from tqdm.auto import tqdm
 
 from pipeline.config import TrainLoop
 
+_PARENT = os.getppid()  # at import: if it differs later, the parent died before die_with_parent() ran
+
 
 class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class CorruptCheckpoint(RuntimeError):
     pass
 
 
@@ -50,12 +66,30 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor
     return idx
 
 
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Linux: have the kernel send ``sig`` to this process when its parent dies, so that killing `dvc` (or
+    a launcher) never leaves a training process racing a rerun on the same checkpoint folder."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        print(f"warning: prctl(PR_SET_PDEATHSIG) failed (errno {ctypes.get_errno()})", file=sys.stderr)
+    elif os.getppid() != _PARENT:  # the parent died before the signal was armed
+        os.kill(os.getpid(), sig)
+
+
 @dataclass
 class LoopResult:
+    """Figures of the training that produced the weights (over all resumed sessions, as stored in the last
+    checkpoint): seconds spent training and samples per second over them, the last step's loss terms."""
+
     steps: int
     seconds: float
     samples_per_second: float
     last: dict[str, float] = field(default_factory=dict)
+    main: bool = True  # this is the main process: the only one that should write outputs
 
 
 @dataclass
@@ -74,23 +108,34 @@ class Loop:
     live_dir: Path | None = None
     gradient_accumulation_steps: int = 1
     mixed_precision: str = "no"
-    ema_decay: float | None = None
+    ema_decay: float | None = None  # None: no EMA
     log_every: int = 10
     max_steps_this_run: int | None = None  # stop early (for tests that simulate a kill)
     on_start: Callable[[Accelerator], None] | None = None
-    # The params the loss depends on beyond ``train``; with the data and the initial weights, what the
-    # checkpoints were made from: checkpoints made from anything else are discarded, not resumed.
+    # The params the loss depends on beyond ``train`` and this loop's own settings (a string of them).
     fingerprint: str = ""
     optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes)
+    # Models (or tensors) the loss reads but does not train (teacher, backbone, VAE): part of the key.
+    frozen: dict[str, torch.nn.Module | torch.Tensor] = field(default_factory=dict)
 
     def run(self) -> LoopResult:
+        die_with_parent()
         acc = Accelerator(
             gradient_accumulation_steps=self.gradient_accumulation_steps,
             mixed_precision=self.mixed_precision,
             cpu=not torch.cuda.is_available(),
         )
+        n, accum, procs = _length(self.data), self.gradient_accumulation_steps, acc.num_processes
+        micro = self.train.batch_size // procs
+        if micro < 1 or self.train.batch_size % procs:
+            raise ValueError(f"{self.name}: batch_size {self.train.batch_size} does not split over "
+                             f"{procs} processes")
+        # Hashed before anything moves or trains the models; only the main process compares keys.
+        key = self.key() if acc.is_main_process else ""
+        if self.on_start:
+            self.on_start(acc)
+        self._freeze_unused(acc)
         set_seed(self.seed)
-        n = _length(self.data)
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise ValueError(f"{self.name}: the model has no trainable parameters")
@@ -101,32 +146,31 @@ class Loop:
         # optimizer steps whatever the number of processes (the batch is global, split across them).
         model, opt = acc.prepare(self.model, opt)
         acc.register_for_checkpointing(sched)
-        ema = _Ema(acc.unwrap_model(model), self.ema_decay) if self.ema_decay else None
-        if ema:
-            acc.register_for_checkpointing(ema)
-        if self.on_start:
-            self.on_start(acc)
+        ema = None
+        if self.ema_decay is not None:
+            from diffusers.training_utils import EMAModel
 
-        key = _fingerprint(self.fingerprint, self.train, {**self.data, **acc.unwrap_model(model).state_dict()})
-        start = _resume(acc, self.checkpoint_dir, key)
+            ema = EMAModel(params, decay=self.ema_decay, use_ema_warmup=True)
+            acc.register_for_checkpointing(ema)
+
+        start, info = _resume(acc, self.checkpoint_dir, key)
+        if ema:
+            ema.to(acc.device)  # accelerate loads custom states onto the CPU
         total = self.train.steps
-        live = _live(self.live_dir, start, acc)
         end = total if self.max_steps_this_run is None else min(total, start + self.max_steps_this_run)
-        micro = self.train.batch_size // acc.num_processes
-        if micro < 1 or self.train.batch_size % acc.num_processes:
-            raise ValueError(f"{self.name}: batch_size {self.train.batch_size} does not split over "
-                             f"{acc.num_processes} processes")
+        live = _live(self.live_dir, start, acc) if start < end else None
         bar = tqdm(range(start, end), desc=self.name, initial=start, total=total,
                    disable=not acc.is_local_main_process)
-        t0, last = time.perf_counter(), {}
+        per_step = self.train.batch_size * accum  # global samples per optimizer step
+        t0, last = time.perf_counter(), info.get("last", {})
         model.train()
         for step in bar:
-            for k in range(self.gradient_accumulation_steps):
-                idx = batch_indices(n, self.train.batch_size, self.seed, step * self.gradient_accumulation_steps + k)
-                idx = idx[acc.process_index * micro:(acc.process_index + 1) * micro]
-                batch = {key: v[idx].to(acc.device) for key, v in self.data.items()}
-                gen = step_generator(self.seed, step * self.gradient_accumulation_steps + k,
-                                     stream=2 + acc.process_index)
+            order = batch_indices(n, per_step, self.seed, step)
+            for k in range(accum):
+                j = k * procs + acc.process_index  # this micro-batch's place in the step's global batch
+                idx = order[j * micro:(j + 1) * micro]
+                batch = {name: v[idx].to(acc.device) for name, v in self.data.items()}
+                gen = step_generator(self.seed, step, stream=2 + j)
                 with acc.accumulate(model), acc.autocast():
                     terms = self.loss_fn(model, batch, gen)
                     loss = terms["loss"]
@@ -144,7 +188,7 @@ class Loop:
                         sched.step()
                     opt.zero_grad(set_to_none=True)
             if ema:
-                ema.update(acc.unwrap_model(model))
+                ema.step(params)
             done = step + 1
             last = {k: float(v.detach()) for k, v in terms.items()}
             if live and (done % self.log_every == 0 or done == end):
@@ -152,23 +196,62 @@ class Loop:
                 for k, v in last.items():
                     live.log_metric(f"{self.name}/{k}", v)
                 live.log_metric(f"{self.name}/lr", sched.get_last_lr()[0])
-                elapsed = time.perf_counter() - t0
-                live.log_metric(f"{self.name}/samples_per_s", (done - start) * self.train.batch_size
-                                * self.gradient_accumulation_steps / max(elapsed, 1e-9))
+                live.log_metric(f"{self.name}/samples_per_s",
+                                (done - start) * per_step / max(time.perf_counter() - t0, 1e-9))
             bar.set_postfix({k: f"{v:.4f}" for k, v in last.items()})
             if done % self.checkpoint_every == 0 or done == end:
-                _save(acc, self.checkpoint_dir, done, self.keep_checkpoints)
-        seconds = time.perf_counter() - t0
+                # Figures over every session that trained these weights, stored so that a rerun that
+                # finds the run finished returns them instead of a zero-step session's.
+                seconds = info.get("seconds", 0.0) + time.perf_counter() - t0
+                info = {"step": done, "seconds": seconds, "samples_per_s": done * per_step / max(seconds, 1e-9),
+                        "last": last}
+                _save(acc, self.checkpoint_dir, info, self.keep_checkpoints)
         if live:
             live.end()
         acc.wait_for_everyone()
         final = acc.unwrap_model(model)
         if ema:
-            ema.copy_to(final)
+            ema.copy_to(params)
         self.model = final
-        ran = end - start
-        return LoopResult(end, seconds, ran * self.train.batch_size * self.gradient_accumulation_steps
-                          / max(seconds, 1e-9), last)
+        return LoopResult(info.get("step", start), info.get("seconds", 0.0), info.get("samples_per_s", 0.0),
+                          info.get("last", {}), acc.is_main_process)
+
+    def key(self) -> str:
+        """What the checkpoints are made from: the loop's params (steps included: a longer or shorter run is
+        another run), the training data, the model's initial weights and the frozen models it reads."""
+        h = hashlib.sha256()
+        settings = dict(extra=self.fingerprint, train=self.train.model_dump(mode="json"), seed=self.seed,
+                        accum=self.gradient_accumulation_steps, precision=self.mixed_precision,
+                        ema=self.ema_decay, optimizer=self.optimizer)
+        h.update(json.dumps(settings, sort_keys=True).encode())
+        groups = {"data": self.data, "init": self.model.state_dict()}
+        for name, m in self.frozen.items():
+            groups[f"frozen.{name}"] = m.state_dict() if isinstance(m, torch.nn.Module) else {"": m}
+        for group in sorted(groups):
+            for name, t in sorted(groups[group].items()):
+                _hash_tensor(h, f"{group}/{name}", t)
+        return h.hexdigest()
+
+    def _freeze_unused(self, acc: Accelerator) -> None:
+        """Freeze the trainable parameters that get no gradient. DDP needs a gradient for every parameter it
+        syncs, at every step; some never get one (in a ControlNet's last block, attn.to_add_out, ff_context
+        and the like only produce the text stream nobody reads). One backward on one sample finds them.
+        This changes no result (AdamW skips a parameter without a gradient) and costs one small step, where
+        DDP's find_unused_parameters would search the autograd graph at every step."""
+        named = [(k, p) for k, p in self.model.named_parameters() if p.requires_grad]
+        if not named:
+            return
+        self.model.to(acc.device)
+        batch = {k: v[:1].to(acc.device) for k, v in self.data.items()}
+        with acc.autocast():
+            loss = self.loss_fn(self.model, batch, step_generator(self.seed, 0, stream=1))["loss"]
+        grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+        unused = [k for (k, p), g in zip(named, grads) if g is None]
+        for (k, p), g in zip(named, grads):
+            if g is None:
+                p.requires_grad_(False)
+        if unused:
+            acc.print(f"{self.name}: {len(unused)} parameters get no gradient and are frozen: {', '.join(unused)}")
 
 
 def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -191,76 +274,102 @@ def _length(data: dict[str, torch.Tensor]) -> int:
     return next(iter(lengths.values()))
 
 
-class _Ema:
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.dtype.is_floating_point}
+def _hash_tensor(h, name: str, t: torch.Tensor, chunk_bytes: int = 64 << 20) -> None:
+    """Name, dtype, shape and raw bytes, read in chunks of rows: memory does not grow with the tensor (the
+    training data can be tens of GB), and no float conversion can make two different tensors agree."""
+    t = t.detach()
+    h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+    if t.numel() == 0:
+        return
+    t = t.reshape(1) if t.dim() == 0 else t
+    rows = max(1, chunk_bytes // (t[0].numel() * t.element_size()))
+    for i in range(0, len(t), rows):
+        h.update(t[i:i + rows].cpu().contiguous().view(torch.uint8).numpy())
 
-    @torch.no_grad()
-    def update(self, model):
-        for k, v in model.state_dict().items():
-            if k in self.shadow:
-                self.shadow[k].lerp_(v.detach(), 1 - self.decay)
 
-    def copy_to(self, model):
-        model.load_state_dict(self.shadow, strict=False)
-
-    def state_dict(self):
-        return self.shadow
-
-    def load_state_dict(self, state):
-        self.shadow = {k: v.clone() for k, v in state.items()}
+_STEP_DIR = re.compile(r"step-(\d{8})")
 
 
 def _checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints (DONE written), oldest first; set-aside ones (step-N.corrupt) are not."""
     if not root.exists():
         return []
-    found = [p for p in root.glob("step-*") if p.is_dir() and (p / "DONE").exists()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+    found = [p for p in root.iterdir() if _STEP_DIR.fullmatch(p.name) and (p / "DONE").exists()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
 
 
-def _fingerprint(extra: str, train: TrainLoop, tensors: dict[str, torch.Tensor]) -> str:
-    """Params, training data and initial weights, summarised; checkpoints resume only under the same."""
-    import hashlib
+def _problem(ck: Path) -> str | None:
+    """Why ``ck`` cannot be resumed, or None. Reads the DONE mark and every safetensors header: cheap, and a
+    truncated or garbage weights file fails here, before anything is loaded."""
+    from safetensors import safe_open
 
-    h = hashlib.sha256(extra.encode())
-    h.update(train.model_dump_json(exclude={"steps"}).encode())  # more steps may continue a run
-    for k in sorted(tensors):
-        v = tensors[k].detach()
-        h.update(f"{k}{tuple(v.shape)}{float(v.double().sum()):.10e}{float(v.double().abs().sum()):.10e}".encode())
-    return h.hexdigest()
+    try:
+        step = json.loads((ck / "DONE").read_text())["step"]
+        if step != int(ck.name[5:]):
+            return f"its DONE mark says step {step}"
+        for f in sorted(ck.glob("*.safetensors")):
+            with safe_open(str(f), "pt"):
+                pass
+    except Exception as e:  # noqa: BLE001 - any unreadable file makes the checkpoint unusable
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
-def _resume(acc: Accelerator, root: Path, key: str) -> int:
+def _set_aside(ck: Path, why: str) -> Path:
+    """Rename a broken checkpoint out of the resume path; keep it for inspection."""
+    dest = ck.with_name(f"{ck.name}.corrupt")
+    i = 1
+    while dest.exists():
+        i += 1
+        dest = ck.with_name(f"{ck.name}.corrupt-{i}")
+    os.replace(ck, dest)
+    print(f"warning: checkpoint {ck} is unreadable ({why}); set aside as {dest.name}", file=sys.stderr)
+    return dest
+
+
+def _resume(acc: Accelerator, root: Path, key: str) -> tuple[int, dict]:
+    """-> (step to start from, the DONE record of the checkpoint resumed, {} if none)."""
     mark = root / "FINGERPRINT"
-    if acc.is_main_process and root.exists() and (not mark.exists() or mark.read_text() != key):
-        if _checkpoints(root):
-            acc.print(f"{root}: checkpoints were made from other params or data; starting afresh")
-        shutil.rmtree(root)
-    acc.wait_for_everyone()
     if acc.is_main_process:
+        if root.exists() and (not mark.exists() or mark.read_text() != key):
+            if _checkpoints(root):
+                acc.print(f"{root}: checkpoints were made from other params, data or models; starting afresh")
+            shutil.rmtree(root)
         root.mkdir(parents=True, exist_ok=True)
         mark.write_text(key)
+        for ck in reversed(_checkpoints(root)):  # newest readable one, setting broken ones aside
+            why = _problem(ck)
+            if why is None:
+                break
+            _set_aside(ck, why)
+    acc.wait_for_everyone()
     ckpts = _checkpoints(root)
     if not ckpts:
-        return 0
-    acc.load_state(str(ckpts[-1]))
-    step = json.loads((ckpts[-1] / "DONE").read_text())["step"]
-    acc.print(f"resumed from {ckpts[-1]} (step {step})")
-    return step
+        return 0, {}
+    try:
+        acc.load_state(str(ckpts[-1]))
+    except Exception as e:
+        # Past the header checks (say, a corrupt optimizer state): the state may be half loaded, so stop.
+        where = _set_aside(ckpts[-1], repr(e)) if acc.is_main_process else ckpts[-1]
+        raise CorruptCheckpoint(f"checkpoint {ckpts[-1]} could not be loaded ({e}); set aside as {where}. "
+                                f"Rerun to resume from the previous checkpoint, or afresh if none") from e
+    info = json.loads((ckpts[-1] / "DONE").read_text())
+    acc.print(f"resumed from {ckpts[-1]} (step {info['step']})")
+    return info["step"], info
 
 
-def _save(acc: Accelerator, root: Path, step: int, keep: int) -> None:
+def _save(acc: Accelerator, root: Path, info: dict, keep: int) -> None:
     """Write to a temporary folder, mark it complete, rename: a killed save leaves no half checkpoint."""
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:08d}"
-    tmp = root / f".tmp-step-{step:08d}"
+    final = root / f"step-{info['step']:08d}"
+    tmp = root / f".tmp-{final.name}"
     if acc.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     acc.wait_for_everyone()
     acc.save_state(str(tmp), safe_serialization=True)
+    acc.wait_for_everyone()  # every process has written its part (its RNG states) before the rename
     if acc.is_main_process:
-        (tmp / "DONE").write_text(json.dumps({"step": step}))
+        (tmp / "DONE").write_text(json.dumps(info))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
