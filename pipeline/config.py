@@ -133,8 +133,7 @@ class CaptionConfig(_Strict):
 
 
 class GatesConfig(_Strict):
-    """Great Expectations gates (pipeline/validation)."""
-    out_dir: str
+    """Great Expectations gates (pipeline/validation); they write to pipeline.paths.GATES."""
     mask_fraction_min: float = Field(..., ge=0, le=1)
     mask_fraction_max: float = Field(..., ge=0, le=1)
     caption_min_chars: int = Field(..., ge=1)

@@ -1,4 +1,8 @@
-"""Where each stage reads and writes, relative to the workspace root (dvc.yaml repeats these as deps/outs)."""
+"""Where each stage reads and writes, relative to the workspace root: the one home of every path.
+
+dvc.yaml is generated from these (pipeline/dvcgen.py), so a stage's deps and outs cannot disagree with
+what its code opens.
+"""
 
 from pathlib import Path
 
@@ -6,14 +10,33 @@ DATA = Path("data")
 SCENES = DATA / "scenes"                 # synthetic generator: PNGs + manifest.parquet
 TRIPLETS = DATA / "triplets"             # build_triplets: manifest.parquet + files
 CAPTIONS = DATA / "captions"             # caption: captions.parquet
+CAPTION_CACHE = DATA / "caption_cache"   # caption: the VLM's resumable cache (caption.qwen.cache_dir)
 ENCODED = DATA / "encoded"               # encode: <split>/shard-*.safetensors
 MODELS = Path("models")
-FOUNDATION_VAE = MODELS / "vae"
-FOUNDATION = MODELS / "foundation"       # SD3 pipeline folder (model_index.json)
+VAE = MODELS / "vae"
+BACKBONE = MODELS / "backbone"           # the frozen SD3 pipeline folder (model_index.json): backbone, VAE, text
 TEACHER = MODELS / "teacher"
 STUDENT_STAGE1 = MODELS / "student_stage1"
 STUDENT = MODELS / "student"
+ABLATIONS = MODELS / "ablations"         # <variant>-s<seed>
 CHECKPOINTS = Path("checkpoints")
-METRICS = Path("metrics")                # small JSON metric files, tracked by git (cache: false)
-REPORTS = Path("reports")
 DVCLIVE = Path("dvclive")
+REPORTS = Path("reports")
+SAMPLES = REPORTS / "samples"
+FIGURES = REPORTS / "figures"
+REPORT = REPORTS / "report.md"
+FRONTIER = REPORTS / "frontier.csv"
+
+METRICS = Path("metrics")                # small JSON metric files, tracked by git (cache: false)
+GATES = METRICS / "gates"                # <gate>.json + <gate>.md per validate_* stage
+TEACHER_PASSED = GATES / "teacher.passed"  # exists only when the teacher gate passed: distillation waits on it
+FOUNDATION_METRICS = METRICS / "foundation"  # vae.json, backbone.json, teacher.json
+DISTILL_METRICS = METRICS / "distill"    # stage1.json, stage2.json
+EVAL_METRICS = METRICS / "eval"          # <model>.json
+ABLATION_METRICS = METRICS / "ablations"  # <variant>-s<seed>.json
+TRIPLETS_METRICS = METRICS / "triplets.json"
+ENCODE_METRICS = METRICS / "encode.json"
+ENCODE_BENCHMARK_METRICS = METRICS / "encode_benchmark.json"
+BENCHMARK_METRICS = METRICS / "benchmark.json"
+REPORT_METRICS = METRICS / "report.json"
+HEADLINE_METRICS = METRICS / "headline.json"     # the only DVC metrics file: what `dvc exp show` lists

@@ -136,7 +136,8 @@ def apply_profile(name: str, root: str | Path = ROOT) -> Path:
 
 
 def make_workspace(name: str, dest: Path, base: Path = ROOT / "params.yaml") -> Path:
-    """A DVC workspace (no SCM) holding a copy of the code and the profile's params; outputs land there."""
+    """A DVC workspace in a git repository of its own, holding a copy of the code and the profile's params
+    (committed); outputs land there."""
     dest = Path(dest).resolve()
     dest.mkdir(parents=True, exist_ok=True)
     for item in WORKSPACE_FILES:
@@ -150,9 +151,17 @@ def make_workspace(name: str, dest: Path, base: Path = ROOT / "params.yaml") -> 
         else:
             shutil.copy2(src, target)
     write_params(merged(name, base), dest / "params.yaml")
+    # A git repository, so that `dvc exp run`, `dvc metrics diff` and `dvc params diff` work there too.
+    git = ["git", "-c", "user.name=refine-control", "-c", "user.email=refine-control@localhost"]
+    if not (dest / ".git").exists():
+        subprocess.run([*git, "init", "-q"], cwd=dest, check=True)
+        shutil.copy2(ROOT / ".gitignore", dest / ".gitignore")
     if not (dest / ".dvc").exists():
-        subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=dest, check=True)
+        subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=dest, check=True)
         subprocess.run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], cwd=dest, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
+    if subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=dest).returncode:
+        subprocess.run([*git, "commit", "-q", "-m", f"workspace: profile {name}"], cwd=dest, check=True)
     return dest
 
 

@@ -1,7 +1,7 @@
 """DVC matrix stages `ablate_headline` / `ablate`: train one ablation variant at one seed and evaluate it.
 
     python -m stages.ablate VARIANT SEED   # -> models/ablations/VARIANT-sSEED, metrics/ablations/VARIANT-sSEED.json
-Variants and their budget: params `ablations` (pipeline/evaluation/ablation.py).
+Variants and their budget: params `ablations` (pipeline/distill/ablation.py).
 """
 
 import argparse
@@ -9,7 +9,7 @@ import argparse
 from pipeline import paths
 from pipeline.config import load
 from pipeline.data.encode import joined
-from pipeline.evaluation.ablation import run_ablation, run_name
+from pipeline.distill.ablation import run_ablation, run_name
 from pipeline.evaluation.evaluate import test_rows
 from pipeline.metrics_io import write_json
 
@@ -23,10 +23,10 @@ def main(argv=None) -> None:
     cfg = load(args.params)
     name = run_name(args.variant, args.seed)
     df = test_rows(joined(paths.TRIPLETS, paths.CAPTIONS), cfg.evaluate.num_images)
-    m = run_ablation(cfg, args.variant, args.seed, foundation=paths.FOUNDATION, teacher=paths.TEACHER,
-                     encoded=paths.ENCODED, df=df, out_dir=paths.MODELS / "ablations" / name,
+    m = run_ablation(cfg, args.variant, args.seed, foundation=paths.BACKBONE, teacher=paths.TEACHER,
+                     encoded=paths.ENCODED, df=df, out_dir=paths.ABLATIONS / name,
                      work_dir=paths.CHECKPOINTS / "ablations" / name)
-    write_json(paths.METRICS / "ablations" / f"{name}.json", m)
+    write_json(paths.ABLATION_METRICS / f"{name}.json", m)
     print(name, {k: v for k, v in m.items() if k != "not_computed"})
 
 

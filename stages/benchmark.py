@@ -14,9 +14,9 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
     cfg = load(ap.parse_args(argv).params)
-    m = run_benchmark(cfg, paths.FOUNDATION, {"teacher": paths.TEACHER, "student": paths.STUDENT},
-                      paths.METRICS / "distill")
-    write_json(paths.METRICS / "benchmark.json", m)
+    m = run_benchmark(cfg, paths.BACKBONE, {"teacher": paths.TEACHER, "student": paths.STUDENT},
+                      paths.DISTILL_METRICS)
+    write_json(paths.BENCHMARK_METRICS, m)
 
 
 if __name__ == "__main__":

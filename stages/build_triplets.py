@@ -45,7 +45,7 @@ def main(argv=None) -> int:
         print(f"build_triplets: {exc}", file=sys.stderr)
         return 2
     metrics_path = Path(args.metrics) if args.metrics else (
-        paths.METRICS / "triplets.json" if Path(args.out) == paths.TRIPLETS else Path(args.out) / "metrics.json")
+        paths.TRIPLETS_METRICS if Path(args.out) == paths.TRIPLETS else Path(args.out) / "metrics.json")
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
     print(f"{args.out}: {metrics['written']} triplets, {metrics['rejected']} rejected {metrics['splits']}")

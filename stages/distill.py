@@ -1,8 +1,8 @@
-"""DVC stages `stage1` and `stage2`: REFINE-CONTROL distillation.
+"""DVC stages `distill_stage1` and `distill_stage2`: REFINE-CONTROL distillation.
 
     python -m stages.distill stage1   # labelled triplets, tri-level loss -> models/student_stage1
     python -m stages.distill stage2   # unlabelled masked images, L_distill + L_af -> models/student
-A killed run resumes from its last checkpoint (checkpoints/<stage>) when re-run.
+A killed run resumes from its last checkpoint (checkpoints/distill_<stage>) when re-run.
 """
 
 import argparse
@@ -20,9 +20,10 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     cfg = load(args.params)
     out, init = ((paths.STUDENT_STAGE1, None) if args.stage == "stage1" else (paths.STUDENT, paths.STUDENT_STAGE1))
-    m = distill(cfg, args.stage, foundation=paths.FOUNDATION, teacher=paths.TEACHER, encoded=paths.ENCODED, out=out,
-                checkpoints=paths.CHECKPOINTS / args.stage, live=paths.DVCLIVE / args.stage, init=init)
-    write_json(paths.METRICS / "distill" / f"{args.stage}.json", m)
+    dvc_stage = f"distill_{args.stage}"
+    m = distill(cfg, args.stage, foundation=paths.BACKBONE, teacher=paths.TEACHER, encoded=paths.ENCODED, out=out,
+                checkpoints=paths.CHECKPOINTS / dvc_stage, live=paths.DVCLIVE / dvc_stage, init=init)
+    write_json(paths.DISTILL_METRICS / f"{args.stage}.json", m)
     print(m)
 
 

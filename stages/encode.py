@@ -21,13 +21,13 @@ def main(argv=None) -> None:
     i, n = parse_shard(args.shard)
     if n == 1:
         shutil.rmtree(args.out, ignore_errors=True)  # a full run replaces every shard
-    pipe = load_foundation(paths.FOUNDATION)
+    pipe = load_foundation(paths.BACKBONE)
     df = joined(paths.TRIPLETS, paths.CAPTIONS)
     counts = encode_dataset(pipe, df, args.out, cfg.data.image_size, cfg.text.max_sequence_length, (i, n))
     if i == 0:
         # the rows of the whole dataset, as an unsharded run writes them (the union of the N shards holds
         # exactly these; validate_encoded checks it). One shard writes it, so parallel shards never race.
-        write_json(paths.METRICS / "encode.json",
+        write_json(paths.ENCODE_METRICS,
                    {"rows": {str(k): int(v) for k, v in df.groupby("split").size().items()}})
     print(f"shard {i}/{n}: {counts}")
 

@@ -14,7 +14,7 @@ from pipeline.metrics_io import write_json
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--out", default=str(paths.METRICS / "encode_benchmark.json"))
+    ap.add_argument("--out", default=str(paths.ENCODE_BENCHMARK_METRICS))
     args = ap.parse_args(argv)
     try:
         cfg = load(args.params)
@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"encode_benchmark: {exc}", file=sys.stderr)
         return 2
-    m = run_benchmark(cfg, bcfg, foundation=paths.FOUNDATION, teacher=paths.TEACHER, encoded=paths.ENCODED,
+    m = run_benchmark(cfg, bcfg, foundation=paths.BACKBONE, teacher=paths.TEACHER, encoded=paths.ENCODED,
                       triplets=paths.TRIPLETS, captions=paths.CAPTIONS)
     write_json(Path(args.out), m)
     print(f"stage-1 samples/s: cached {m['cached_samples_per_s']:.2f}, on the fly "

@@ -15,7 +15,6 @@ from pipeline.models.world import load_foundation
 
 MODELS = {TEACHER: paths.TEACHER, BACKBONE_ONLY: None, "student_stage1": paths.STUDENT_STAGE1,
           "student": paths.STUDENT}
-SAMPLES = paths.REPORTS / "samples"
 
 
 def main(argv=None) -> None:
@@ -23,11 +22,11 @@ def main(argv=None) -> None:
     ap.add_argument("--params", default="params.yaml")
     cfg = load(ap.parse_args(argv).params)
     df = test_rows(joined(paths.TRIPLETS, paths.CAPTIONS), cfg.evaluate.num_images)
-    metrics, outputs, inputs = evaluate_models(cfg, load_foundation(paths.FOUNDATION), MODELS, df)
+    metrics, outputs, inputs = evaluate_models(cfg, load_foundation(paths.BACKBONE), MODELS, df)
     for name, m in metrics.items():
-        write_json(paths.METRICS / "eval" / f"{name}.json", m)
+        write_json(paths.EVAL_METRICS / f"{name}.json", m)
         print(name, {k: round(v, 4) if isinstance(v, float) else v for k, v in m.items() if k != "not_computed"})
-    save_samples(outputs, inputs, cfg.evaluate.num_samples, SAMPLES)
+    save_samples(outputs, inputs, cfg.evaluate.num_samples, paths.SAMPLES)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
     cfg = load(ap.parse_args(argv).params)
-    build_report(cfg, paths.METRICS, paths.REPORTS / "report.md", paths.REPORTS / "figures",
-                 paths.REPORTS / "samples", paths.DVCLIVE)
-    print(f"wrote {paths.REPORTS / 'report.md'}")
+    build_report(cfg, paths.METRICS, paths.REPORT, paths.FIGURES, paths.SAMPLES, paths.DVCLIVE)
+    print(f"wrote {paths.REPORT}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from pipeline.foundation.teacher import train_teacher
 
 def main(argv=None) -> None:
     run(__doc__, "teacher", paths.TEACHER, lambda cfg: train_teacher(
-        cfg, paths.SCENES, paths.FOUNDATION, paths.TEACHER, paths.CHECKPOINTS / "teacher", paths.DVCLIVE / "teacher"),
+        cfg, paths.SCENES, paths.BACKBONE, paths.TEACHER, paths.CHECKPOINTS / "teacher", paths.DVCLIVE / "teacher"),
         argv)
 
 

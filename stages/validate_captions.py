@@ -13,7 +13,7 @@ def _args(ap):
 
 
 def main(argv=None) -> int:
-    return gate_main("captions", _args, lambda a, cfg, g: captions_gate(a.captions, a.manifest, g), argv)
+    return gate_main("captions", _args, lambda a, cfg, g: captions_gate(a.captions, a.manifest, g, a.out_dir), argv)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ def main(argv=None) -> int:
     return gate_main(
         "triplets",
         lambda ap: ap.add_argument("--manifest", default=str(paths.TRIPLETS / "manifest.parquet")),
-        lambda a, cfg, g: triplets_gate(a.manifest, g, cfg.data.image_size), argv)
+        lambda a, cfg, g: triplets_gate(a.manifest, g, cfg.data.image_size, a.out_dir), argv)
 
 
 if __name__ == "__main__":

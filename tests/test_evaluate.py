@@ -1,15 +1,13 @@
-"""evaluate stage, optional metrics, ablation variants and the benchmark on the micro world."""
+"""evaluate stage, ablation variants and the benchmark on the micro world (metrics: tests/test_quality.py)."""
 
 import json
 import math
 
 import pytest
-import torch
 
 from pipeline.config import load
-from pipeline.evaluation import ablation, evaluate
-from pipeline.evaluation.evaluate import optional_metrics
-from tests.params import config
+from pipeline.distill import ablation
+from pipeline.evaluation import evaluate
 from tests.helpers_eval import EVAL_PARAMS, eval_ws, inside  # noqa: F401 - fixture
 
 MODELS = ("teacher", "backbone_only", "student_stage1", "student")
@@ -43,26 +41,6 @@ def test_unavailable_lpips_fid_cmmd_are_reported_not_computed(evaluated):
     for k in ("lpips", "fid", "cmmd"):
         assert m[k] is None
         assert "never estimated" in m["not_computed"][k]
-
-
-def test_missing_weight_path_is_named():
-    x = torch.zeros(2, 3, 8, 8)
-    values, reasons = optional_metrics(config({"evaluate": {"fid_weights": "/nonexistent/inception.pth"}}).evaluate, x, x)
-    assert values["fid"] is None and "/nonexistent/inception.pth" in reasons["fid"]
-
-
-def test_cmmd_is_computed_with_local_clip_weights(tmp_path):
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    torch.manual_seed(0)
-    CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                                   num_attention_heads=2, image_size=16, patch_size=8,
-                                                   projection_dim=8)).save_pretrained(tmp_path / "clip")
-    a = torch.rand(4, 3, 16, 16) * 2 - 1
-    values, reasons = optional_metrics(config({"evaluate": {"cmmd_weights": str(tmp_path / "clip")}}).evaluate, a, a.flip(0))
-    assert "cmmd" not in reasons and values["cmmd"] == pytest.approx(0.0, abs=1e-6)  # same set of images
-    values, _ = optional_metrics(config({"evaluate": {"cmmd_weights": str(tmp_path / "clip")}}).evaluate, -a, a)
-    assert values["cmmd"] > 0
 
 
 def test_sample_pngs_for_the_report_grid(evaluated):

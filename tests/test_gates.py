@@ -23,9 +23,9 @@ def data(tmp_path_factory):
 
 
 def test_good_data_passes(data, tmp_path):
-    g = config({"gates": {"out_dir": str(tmp_path)}}).gates
-    assert triplets_gate(data / "triplets/manifest.parquet", g, 32)["success"]
-    assert captions_gate(data / "captions/captions.parquet", data / "triplets/manifest.parquet", g)["success"]
+    g, out = config().gates, str(tmp_path)
+    assert triplets_gate(data / "triplets/manifest.parquet", g, 32, out_dir=out)["success"]
+    assert captions_gate(data / "captions/captions.parquet", data / "triplets/manifest.parquet", g, out_dir=out)["success"]
     report = json.loads((tmp_path / "triplets.json").read_text())
     assert report["success"] and report["failed"] == 0 and (tmp_path / "triplets.md").exists()
 
@@ -54,7 +54,7 @@ def test_broken_captions(data, tmp_path):
     c.loc[1, "local_prompt"] = ""
     c.to_parquet(tmp_path / "c.parquet", index=False)
     with pytest.raises(GateError, match="local_differs_from_global") as exc:
-        captions_gate(tmp_path / "c.parquet", data / "triplets/manifest.parquet", config({"gates": {"out_dir": str(tmp_path)}}).gates)
+        captions_gate(tmp_path / "c.parquet", data / "triplets/manifest.parquet", config().gates, out_dir=str(tmp_path))
     assert "expect_column_value_lengths_to_be_between(local_prompt" in str(exc.value)
 
 
@@ -76,9 +76,9 @@ def _write_encoded(root, manifest, nan=False, channels=16, num_shards=2):
 
 def test_encoded_gate(data, tmp_path):
     m = pd.read_parquet(data / "triplets/manifest.parquet")
-    g = config({"gates": {"out_dir": str(tmp_path / "g")}}).gates
+    g, out = config().gates, str(tmp_path / "g")
     _write_encoded(tmp_path / "ok", m)
-    assert encoded_gate(tmp_path / "ok", data / "triplets/manifest.parquet", g)["success"]
+    assert encoded_gate(tmp_path / "ok", data / "triplets/manifest.parquet", g, out_dir=out)["success"]
     assert load_split(tmp_path / "ok", "val")[0] == sorted(m.loc[m["split"] == "val", "id"])
     _write_encoded(tmp_path / "bad", m, nan=True)
     # count mismatch: one id dropped from a shard's id file of `test`
@@ -91,7 +91,7 @@ def test_encoded_gate(data, tmp_path):
     t["mask"] = torch.ones(len(t["mask"]), 1, 8, 8)
     save_file(t, str(d / name))
     with pytest.raises(GateError) as exc:
-        encoded_gate(tmp_path / "bad", data / "triplets/manifest.parquet", g)
+        encoded_gate(tmp_path / "bad", data / "triplets/manifest.parquet", g, out_dir=out)
     msg = str(exc.value)
     assert "all_finite" in msg and "non-finite: ['latents']" in msg and "'split': 'val'" in msg
     assert "shard-00000-of-00002.safetensors" in msg
@@ -102,7 +102,7 @@ def test_encoded_gate(data, tmp_path):
 
 def test_encoded_gate_missing_split_and_stale_shards(data, tmp_path):
     m = pd.read_parquet(data / "triplets/manifest.parquet")
-    g = config({"gates": {"out_dir": str(tmp_path / "g")}}).gates
+    g, out = config().gates, str(tmp_path / "g")
     _write_encoded(tmp_path / "enc", m)
     for f in (tmp_path / "enc/val").iterdir():   # a split the manifest has, never encoded
         f.unlink()
@@ -110,7 +110,7 @@ def test_encoded_gate_missing_split_and_stale_shards(data, tmp_path):
     for f in (tmp_path / "other/test").iterdir():
         f.rename(tmp_path / "enc/test" / f.name)
     with pytest.raises(GateError) as exc:
-        encoded_gate(tmp_path / "enc", data / "triplets/manifest.parquet", g)
+        encoded_gate(tmp_path / "enc", data / "triplets/manifest.parquet", g, out_dir=out)
     msg = str(exc.value)
     assert "'split': 'val'" in msg and "'encoded_rows': 0" in msg
     assert "one_shard_count" in msg and "unique_ids" in msg

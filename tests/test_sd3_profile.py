@@ -220,30 +220,30 @@ def test_load_world_end_to_end_with_t5(tiny):
 
 
 def test_foundation_stages_materialise_pretrained_models(tiny, tmp_path, monkeypatch):
-    """foundation_vae / foundation / teacher link the checked models into models/* instead of training;
+    """vae / backbone / teacher link the checked models into models/* instead of training;
     what they write loads with the code the later stages use."""
     from diffusers import AutoencoderKL, SD3ControlNetModel
 
     from pipeline.models.world import load_foundation
-    from stages import foundation, foundation_vae, teacher
+    from stages import backbone, teacher, vae
 
     cfg_raw = sd3_raw(**tiny_overrides(tiny["foundation"], tiny["teacher"], tiny["qwen"]))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(cfg_raw))
     monkeypatch.chdir(tmp_path)
-    for stage in (foundation_vae, foundation, teacher):
+    for stage in (vae, backbone, teacher):
         stage.main([])
     vae_m = json.loads(Path("metrics/foundation/vae.json").read_text())
     assert vae_m["source"] == "pretrained" and vae_m["scaling_factor"] == pytest.approx(1.5305)
     assert vae_m["captioner"]["path"] == str(tiny["qwen"].resolve())
     assert json.loads(Path("metrics/foundation/teacher.json").read_text())["num_layers"] == 23
-    src = json.loads(Path("models/foundation/SOURCE.json").read_text())
+    src = json.loads(Path("models/backbone/SOURCE.json").read_text())
     assert src["repo"] == "stabilityai/stable-diffusion-3-medium-diffusers" and src["resolved_from"] == "local_dir"
-    assert Path("models/foundation/text_encoder_3/config.json").is_symlink()
+    assert Path("models/backbone/text_encoder_3/config.json").is_symlink()
     assert AutoencoderKL.from_pretrained("models/vae").config.latent_channels == 16
     assert SD3ControlNetModel.from_pretrained("models/teacher").config.num_layers == 23
-    pipe = load_foundation(Path("models/foundation"))  # encode / evaluation: T5 loaded as the stock pipeline does
+    pipe = load_foundation(Path("models/backbone"))  # encode / evaluation: T5 loaded as the stock pipeline does
     assert len(pipe.transformer.transformer_blocks) == 24 and pipe.text_encoder_3 is not None
-    assert load_foundation(Path("models/foundation"), with_t5=False).text_encoder_3 is None  # distillation
+    assert load_foundation(Path("models/backbone"), with_t5=False).text_encoder_3 is None  # distillation
 
 
 def test_adamw8bit_switch(monkeypatch):

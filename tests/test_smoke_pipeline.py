@@ -39,7 +39,7 @@ def finite_numbers(obj):
 def test_flow_ran_every_stage_in_dag_order(smoke):
     ws, ran, stages = smoke
     assert [r["stage"] for r in ran] == stages
-    assert {"scenes", "foundation", "teacher", "stage1", "stage2"} <= set(stages)
+    assert {"scenes", "vae", "backbone", "teacher", "validate_teacher", "distill_stage1", "distill_stage2"} <= set(stages)
     status = subprocess.run([sys.executable, "-m", "dvc", "status", "-q"], cwd=ws, capture_output=True, text=True)
     assert status.returncode == 0, status.stdout + status.stderr
 
@@ -47,7 +47,7 @@ def test_flow_ran_every_stage_in_dag_order(smoke):
 def test_gate_metrics_exist_and_are_finite(smoke):
     ws, _, _ = smoke
     vae = json.loads((ws / "metrics/foundation/vae.json").read_text())
-    gate = json.loads((ws / "metrics/foundation/teacher_gate.json").read_text())
+    gate = json.loads((ws / "metrics/gates/teacher.json").read_text())
     for key in ("vae_test_psnr",):
         assert math.isfinite(vae[key])
     for key in ("teacher_psnr", "teacher_ssim", "teacher_psnr_masked", "backbone_only_psnr", "backbone_only_psnr_masked"):
@@ -57,7 +57,7 @@ def test_gate_metrics_exist_and_are_finite(smoke):
             assert math.isfinite(v), path
 
 
-def test_stock_pipeline_loads_foundation_with_teacher_and_student(smoke):
+def test_stock_pipeline_loads_backbone_with_teacher_and_student(smoke):
     import torch
     from diffusers import SD3ControlNetModel, StableDiffusion3ControlNetInpaintingPipeline
     from PIL import Image
@@ -71,9 +71,29 @@ def test_stock_pipeline_loads_foundation_with_teacher_and_student(smoke):
     mask = Image.open(next((ws / "data/scenes/masks").glob("test-*.png")))
     for model in ("teacher", "student"):
         pipe = StableDiffusion3ControlNetInpaintingPipeline.from_pretrained(
-            ws / "models/foundation", controlnet=SD3ControlNetModel.from_pretrained(ws / "models" / model),
+            ws / "models/backbone", controlnet=SD3ControlNetModel.from_pretrained(ws / "models" / model),
             text_encoder_3=None, tokenizer_3=None)
         out = pipe("a red circle", control_image=image, control_mask=mask, height=size, width=size,
                    num_inference_steps=2, guidance_scale=1.0, max_sequence_length=cfg.text.max_sequence_length,
                    generator=torch.Generator().manual_seed(0)).images[0]
         assert out.size == (size, size)
+
+
+@pytest.mark.parametrize("module", ["pipeline/models/inpaint.py", "pipeline/models/mapping.py",
+                                    "pipeline/distill/losses.py", "pipeline/validation/gx.py"])
+def test_editing_a_module_reruns_exactly_the_stages_that_import_it(smoke, module):
+    from pipeline.dvcgen import import_closure
+
+    ws, _, _ = smoke
+    path = ws / module
+    before = path.read_text()
+    path.write_text(before + "\n# edited\n")
+    try:
+        out = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=ws, capture_output=True,
+                             text=True, check=True)
+    finally:
+        path.write_text(before)
+    changed = {name.split("@")[0] for name in json.loads(out.stdout)}
+    spec = __import__("yaml").safe_load((ws / "dvc.yaml").read_text())["stages"]
+    importers = {name for name, st in spec.items() if module in import_closure(st["cmd"].split()[2], ws)}
+    assert importers and changed == importers

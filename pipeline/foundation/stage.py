@@ -18,7 +18,6 @@ def run(description: str, component: str, out: Path, train: Callable[[Config], d
     ap.add_argument("--params", default="params.yaml")
     cfg = load(ap.parse_args(argv).params)
     metrics = pretrained.materialise(cfg, component, out) if pretrained.is_pretrained(cfg) else train(cfg)
-    write_json(paths.METRICS / "foundation" / f"{'backbone' if component == 'foundation' else component}.json",
-               metrics)
+    write_json(paths.FOUNDATION_METRICS / f"{component}.json", metrics)
     print(metrics)
     return metrics

@@ -352,8 +352,8 @@ def _link_tree(src: Path, dst: Path, how: str) -> None:
     os.replace(tmp, dst)
 
 
-def materialise(cfg: Config, what: Literal["vae", "foundation", "teacher"], out: Path) -> dict:
-    """Resolve + check the pretrained models, then write ``out`` (models/vae, models/foundation or
+def materialise(cfg: Config, what: Literal["vae", "backbone", "teacher"], out: Path) -> dict:
+    """Resolve + check the pretrained models, then write ``out`` (models/vae, models/backbone or
     models/teacher) and ``out/SOURCE.json``. Returns a small metrics dict for the stage."""
     w = world_config(cfg)
     world = preflight(cfg, captioner=(what == "vae"))  # the first foundation stage checks the captioner too
@@ -369,7 +369,7 @@ def materialise(cfg: Config, what: Literal["vae", "foundation", "teacher"], out:
         metrics.update(shift_factor=vae["shift_factor"], scaling_factor=vae["scaling_factor"])
         if world.captioner is not None:
             metrics["captioner"] = world.captioner.source()
-    elif what == "foundation":
+    elif what == "backbone":
         metrics.update(num_layers=world.transformer_config["num_layers"],
                        joint_attention_dim=world.transformer_config["joint_attention_dim"])
     else:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 
 from pipeline.config import Config
-from pipeline.evaluation.ablation import ablation_config, run_name
+from pipeline.distill.ablation import ablation_config, run_name
 from pipeline.metrics_io import write_json
 
 # REFINE-CONTROL (arXiv 2509.22139): SD3-medium backbone, 1024 px, 130k + 130k training images.
@@ -105,6 +105,14 @@ def summarize(cfg: Config, c: dict) -> dict:
                      "ablation_stage1_steps": ab.stage1_steps, "ablation_stage2_steps": ab.stage2_steps,
                      "ablation_batch_size": ab.batch_size},
     }
+
+
+def headline(summary: dict) -> dict:
+    """The few figures `dvc metrics show` / `dvc exp show` carry (the pipeline's only DVC metrics file):
+    quality of each evaluated model, the student - teacher gap, and each ablation's PSNR difference from
+    `full`. Timings, per-seed and per-round figures stay in the other files under metrics/."""
+    return {**summary["ours"], **{f"ablation_{v}_psnr_vs_full": row["psnr_delta_vs_full"]
+                                  for v, row in summary["ablations"].items() if v != "full"}}
 
 
 # ---------------------------------------------------------------------------------------------- markdown
@@ -292,6 +300,7 @@ def build_report(cfg: Config, metrics: Path, out_md: Path, figures_dir: Path, sa
     c = collect(cfg, metrics)
     summary = summarize(cfg, c)
     write_json(Path(metrics) / "report.json", summary)
+    write_json(Path(metrics) / "headline.json", headline(summary))
     figures_dir = Path(figures_dir)
     figures_dir.mkdir(parents=True, exist_ok=True)
     made = {}

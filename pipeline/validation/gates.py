@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pandas as pd
+from pipeline import paths
 from pipeline.config import GatesConfig
 
 from pipeline.data.images import load_manifest
@@ -22,7 +23,7 @@ def _sha(path: str) -> str | None:
     return hashlib.sha1(p.read_bytes()).hexdigest() if p.is_file() else None
 
 
-def triplets_gate(manifest: str | Path, cfg: GatesConfig, image_size: int) -> dict:
+def triplets_gate(manifest: str | Path, cfg: GatesConfig, image_size: int, out_dir: str | Path = paths.GATES) -> dict:
     df = load_manifest(manifest)
     df["image_exists"] = [isinstance(p, str) and Path(p).is_file() for p in df["image"]]
     df["mask_exists"] = [isinstance(p, str) and Path(p).is_file() for p in df["mask"]]
@@ -47,10 +48,11 @@ def triplets_gate(manifest: str | Path, cfg: GatesConfig, image_size: int) -> di
               "the unlabelled pool carries no local prompt"),
         Check(c, "ExpectTableRowCountToBeBetween", {"min_value": 1}, "not empty"),
     ]
-    return run_gate("triplets", {c: df}, checks, cfg.out_dir)
+    return run_gate("triplets", {c: df}, checks, out_dir)
 
 
-def captions_gate(captions: str | Path, manifest: str | Path, cfg: GatesConfig) -> dict:
+def captions_gate(captions: str | Path, manifest: str | Path, cfg: GatesConfig,
+                  out_dir: str | Path = paths.GATES) -> dict:
     cap = pd.read_parquet(captions)
     man = load_manifest(manifest, resolve=False)
     cap["in_manifest"] = cap["id"].isin(set(man["id"]))
@@ -74,7 +76,7 @@ def captions_gate(captions: str | Path, manifest: str | Path, cfg: GatesConfig) 
         ]
     if cfg.require_global:
         checks.append(Check(c, "ExpectColumnValuesToNotBeNull", {"column": "global_prompt"}, "global prompt"))
-    return run_gate("captions", {c: cap}, checks, cfg.out_dir)
+    return run_gate("captions", {c: cap}, checks, out_dir)
 
 
 def _check_shapes(t: dict, latent_channels: int) -> list[str]:
@@ -165,7 +167,8 @@ def inspect_shards(encoded: str | Path, manifest: pd.DataFrame, latent_channels:
     return pd.DataFrame(shard_rows), pd.DataFrame(split_rows)
 
 
-def encoded_gate(encoded: str | Path, manifest: str | Path, cfg: GatesConfig) -> dict:
+def encoded_gate(encoded: str | Path, manifest: str | Path, cfg: GatesConfig,
+                 out_dir: str | Path = paths.GATES) -> dict:
     shards, splits = inspect_shards(encoded, load_manifest(manifest, resolve=False), cfg.latent_channels)
     checks = [
         Check("shards", "ExpectTableRowCountToBeBetween", {"min_value": 1}, "at least one shard"),
@@ -187,4 +190,4 @@ def encoded_gate(encoded: str | Path, manifest: str | Path, cfg: GatesConfig) ->
     if shards.empty:
         shards = pd.DataFrame(columns=["split", "shard", "rows", "id_rows", "all_finite", "shapes_ok",
                                        "ids_match_rows", "detail"])
-    return run_gate("encoded", {"shards": shards, "splits": splits}, checks, cfg.out_dir)
+    return run_gate("encoded", {"shards": shards, "splits": splits}, checks, out_dir)

@@ -1,0 +1,79 @@
+"""pipeline/dvcgen.py: dvc.yaml's deps cannot drift from the code and params the stages read."""
+
+import copy
+
+import pytest
+import yaml
+
+from pipeline import dvcgen
+from tests.params import REPO, full
+
+
+def _dvc_yaml() -> dict:
+    return yaml.safe_load((REPO / "dvc.yaml").read_text())
+
+
+def missing_code_deps(doc: dict) -> dict[str, list[str]]:
+    """Per stage, the files of its stage module's import closure that dvc.yaml does not list."""
+    out = {}
+    for name, st in doc["stages"].items():
+        module = st["cmd"].split()[2]
+        missing = sorted(set(dvcgen.import_closure(module)) - set(st["deps"]))
+        if missing:
+            out[name] = missing
+    return out
+
+
+def test_dvc_yaml_is_generated_from_the_spec():
+    assert (REPO / "dvc.yaml").read_text() == dvcgen.render(), "run `python -m pipeline.dvcgen`"
+
+
+def test_every_stage_depends_on_its_whole_import_closure_and_no_other_code():
+    doc = _dvc_yaml()
+    assert missing_code_deps(doc) == {}
+    for name, st in doc["stages"].items():
+        code = {d for d in st["deps"] if d.endswith(".py")}
+        assert code == set(dvcgen.import_closure(st["cmd"].split()[2])), name
+
+
+def test_closure_check_fails_when_a_dep_is_removed():
+    doc = copy.deepcopy(_dvc_yaml())
+    doc["stages"]["encode"]["deps"].remove("pipeline/models/inpaint.py")   # the control-input convention
+    assert missing_code_deps(doc) == {"encode": ["pipeline/models/inpaint.py"]}
+
+
+def test_closure_follows_lazy_and_from_package_imports():
+    closure = dvcgen.import_closure("stages.teacher")
+    # pipeline/foundation/teacher.py: `from pipeline.models import flow, inpaint` (modules named in a from-import)
+    assert {"pipeline/models/flow.py", "pipeline/models/inpaint.py", "pipeline/config.py"} <= set(closure)
+
+
+def _has_key(raw: dict, dotted: str) -> bool:
+    node = raw
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def test_params_deps_are_dotted_keys_that_exist():
+    raw = full()
+    for name, st in _dvc_yaml()["stages"].items():
+        for key in st.get("params", []):
+            keys = [key.replace("${item.variant}", v) for v in raw["ablations"]["variants"]] if "${" in key else [key]
+            for k in keys:
+                assert _has_key(raw, k), f"{name}: params dep {k!r} is not in params.yaml"
+
+
+def test_stage2_settings_do_not_rerun_stage1_and_the_budget_does_not_rerun_ablations():
+    stages = _dvc_yaml()["stages"]
+    assert not any(p.startswith("distill.stage2") for p in stages["distill_stage1"]["params"])
+    assert not any(p.startswith("distill.stage1") for p in stages["distill_stage2"]["params"])
+    ablate = stages["ablate"]["params"]
+    assert "distill" not in ablate and "distill.stage1.train.steps" not in ablate and "distill.stage1.train.lr" in ablate
+
+
+@pytest.mark.parametrize("stage", ["distill_stage1", "distill_stage2", "evaluate", "ablate"])
+def test_model_stages_depend_on_the_mapping_module(stage):
+    assert "pipeline/models/mapping.py" in _dvc_yaml()["stages"][stage]["deps"]
