@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
+
+from pipeline.atomic import write_file
 
 
 def write_json(path: str | Path, data: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(_clean(data), indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_file(path, json.dumps(_clean(data), indent=2, sort_keys=True) + "\n")
 
 
 def read_json(path: str | Path) -> dict:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import shutil
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.atomic import write_file
 from pipeline.config import ConfigError, deep_merge, from_dict, load, load_raw, merge_into
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,14 +44,8 @@ def merged(name: str, base: str | Path = ROOT / "params.yaml") -> dict:
     return raw
 
 
-def _replace(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_params(raw: dict, path: Path) -> None:
-    _replace(path, yaml.safe_dump(raw, sort_keys=False))
+    write_file(path, yaml.safe_dump(raw, sort_keys=False))
 
 
 def _params_yaml():
@@ -108,7 +102,7 @@ def update_params(path: str | Path, override: dict) -> None:
     expected = deep_merge(yaml.safe_load(text) or {}, override)
     if yaml.safe_load(new) != expected:
         new = yaml.safe_dump(expected, sort_keys=False)
-    _replace(path, new)
+    write_file(path, new)
 
 
 def apply_profile(name: str, root: str | Path = ROOT) -> Path:
@@ -130,7 +124,7 @@ def apply_profile(name: str, root: str | Path = ROOT) -> Path:
         if before is None:
             params.unlink()
         else:
-            params.write_text(before)
+            write_file(params, before)
         raise ConfigError(f"profile {name!r} ({path}): {exc}") from None
     return params
 

@@ -389,10 +389,9 @@ def _live(live_dir: Path | None, start: int, acc: Accelerator):
 
 
 def save_atomic(model, out: Path) -> None:
-    """save_pretrained into a temporary sibling, then rename over ``out`` (as checkpoints are written)."""
-    out = Path(out)
-    tmp = out.with_name(f".tmp-{out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    """save_pretrained into a temporary sibling swapped in for ``out``; refuses to replace a folder this
+    project did not write (pipeline.atomic.write_dir)."""
+    from pipeline.atomic import write_dir
+
+    with write_dir(out) as tmp:
+        model.save_pretrained(tmp)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from pipeline import paths
+from pipeline.atomic import NotOurOutputError, write_file
 from pipeline.config import ConfigError, load
 from pipeline.data.triplets import BadRowsError, TripletsConfig, build_triplets, load_input, parse_shard
 
@@ -41,13 +42,12 @@ def main(argv=None) -> int:
     except BadRowsError as exc:
         print(f"build_triplets: {exc}\n(nothing written to {args.out})", file=sys.stderr)
         return 1
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
+    except (ConfigError, ValueError, FileNotFoundError, NotOurOutputError) as exc:
         print(f"build_triplets: {exc}", file=sys.stderr)
         return 2
     metrics_path = Path(args.metrics) if args.metrics else (
         paths.TRIPLETS_METRICS if Path(args.out) == paths.TRIPLETS else Path(args.out) / "metrics.json")
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+    write_file(metrics_path, json.dumps(metrics, indent=2) + "\n")
     print(f"{args.out}: {metrics['written']} triplets, {metrics['rejected']} rejected {metrics['splits']}")
     return 0
 

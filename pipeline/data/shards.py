@@ -10,12 +10,13 @@ shards load exactly as one.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
+
+from pipeline.atomic import write_file
 
 TENSOR_KEYS = ("latents", "masked_latents", "mask", "prompt_embeds", "pooled_prompt_embeds",
                "global_prompt_embeds", "global_pooled_prompt_embeds")
@@ -31,11 +32,9 @@ def write_shard(split_dir: Path, index: int, count: int, ids: list[str], tensors
     for k, v in tensors.items():
         if len(v) != len(ids):
             raise ValueError(f"{split_dir}/{name}: tensor {k} has {len(v)} rows for {len(ids)} ids")
-    tmp_t, tmp_i = split_dir / f".tmp-{name}.safetensors", split_dir / f".tmp-{name}.parquet"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_t))
-    pd.DataFrame({"id": ids}).to_parquet(tmp_i, index=False)
-    os.replace(tmp_t, split_dir / f"{name}.safetensors")
-    os.replace(tmp_i, split_dir / f"{name}.parquet")
+    write_file(split_dir / f"{name}.safetensors",
+               lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))
+    write_file(split_dir / f"{name}.parquet", lambda tmp: pd.DataFrame({"id": ids}).to_parquet(tmp, index=False))
     return split_dir / f"{name}.safetensors"
 
 

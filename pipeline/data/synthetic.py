@@ -9,8 +9,6 @@ k = visible pixels of object k-1), manifest.parquet (see MANIFEST_COLUMNS).
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import pandas as pd
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from pipeline.atomic import write_dir
 from pipeline.config import COLORS, ConfigError, DataConfig
 from pipeline.data import prompts
 
@@ -223,28 +222,11 @@ def split_counts(cfg: DataConfig) -> dict[str, int]:
     return {name: getattr(cfg.splits, name) for name in SPLITS}
 
 
-def atomic_dir(out: Path):
-    """A temp dir next to `out`; `commit_dir(tmp, out)` swaps it in."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-
-
-def commit_dir(tmp: Path, out: Path) -> None:
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def generate_scenes(cfg: DataConfig, seed: int, out: str | Path, progress: bool = True) -> pd.DataFrame:
     """Render every split into `out` (atomically) and return the manifest."""
     out = Path(out)
     counts = split_counts(cfg)
-    tmp = atomic_dir(out)
-    try:
+    with write_dir(out) as tmp:
         for name in ("images", "masks", "instances"):
             (tmp / name).mkdir()
         rows = []
@@ -257,8 +239,4 @@ def generate_scenes(cfg: DataConfig, seed: int, out: str | Path, progress: bool 
                     bar.update()
         df = pd.DataFrame(rows)[MANIFEST_COLUMNS]
         df.to_parquet(tmp / "manifest.parquet", index=False)
-        commit_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return df

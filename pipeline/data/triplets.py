@@ -2,7 +2,9 @@
 
 Inputs (params section `triplets`, see TripletsConfig): the synthetic scenes manifest (default), a user
 manifest (CSV / parquet / JSONL: image, mask?, prompt?, split?, id?, global_prompt?, objects?; paths
-relative to the manifest), or image and mask folders (masks matched by file stem).
+relative to the manifest; without an id column the id is the image path relative to the manifest, minus
+its suffix), or image and mask folders (masks matched by file stem). Splits: labelled, unlabelled, val,
+test (train and validation / valid accepted). Images and masks are read by images.to_rgb / to_mask.
 Masks are binarised with pixel > 127 = hole (images.MASK_THRESHOLD). Rows without a mask get a
 generated one (stroke / box, seeded by row id, so shards agree with the unsharded run).
 Output: OUT/manifest.parquet (OUTPUT_COLUMNS), OUT/images/<id>.png, OUT/masks/<id>.png,
@@ -12,8 +14,8 @@ OUT/instances/<id>.png (synthetic only), OUT/rejects.csv (on_bad=skip).
 from __future__ import annotations
 
 import json
+import os
 import re
-import shutil
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,15 +26,19 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
+from pipeline.atomic import write_dir
 from pipeline.config import TripletsConfig
-from pipeline.data.images import MASK_THRESHOLD
-from pipeline.data.synthetic import SPLITS, atomic_dir, commit_dir, random_mask
+from pipeline.data.images import MASK_THRESHOLD, PixelError, open_image, to_mask, to_rgb
+from pipeline.data.synthetic import SPLITS, random_mask
 
 OUTPUT_COLUMNS = [
     "id", "split", "image", "mask", "instances", "local_prompt", "global_prompt", "objects", "background",
     "mask_kind", "object_index", "width", "height", "mask_fraction", "source",
 ]
 REJECT_COLUMNS = ["row", "id", "file", "kind", "reason"]
+SPLIT_ALIASES = {"train": "labelled", "validation": "val", "valid": "val"}
+ALLOWED_SPLITS = f"{', '.join(SPLITS)}; also train = labelled, validation or valid = val"
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 
 
 
@@ -40,30 +46,49 @@ class BadRowsError(RuntimeError):
     """on_bad=fail and some rows are bad; the message lists the first ones (file and reason)."""
 
 
+class ManifestError(ValueError):
+    """The input as a whole is unusable (unreadable, empty, no image column); the message names the file."""
+
+
 @dataclass
 class Bad(Exception):
     file: str
     reason: str
-    kind: str  # missing_file | unreadable | size_mismatch | empty_mask | full_mask | duplicate_id | unknown_split
+    kind: str  # missing_file | unreadable | alpha_mask | size_mismatch | empty_mask | full_mask | duplicate_id
+    #            | unknown_split
 
 
 # ---------------------------------------------------------------- reading inputs
 
 def read_table(path: str | Path) -> pd.DataFrame:
+    """A manifest as a table; ManifestError (naming the file and why) when it cannot be one."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: manifest not found")
     suffix = path.suffix.lower()
-    if suffix == ".csv":
-        df = pd.read_csv(path, dtype=str, keep_default_na=False).replace({"": None})
-    elif suffix in (".parquet", ".pq"):
-        df = pd.read_parquet(path)
-    elif suffix in (".jsonl", ".json"):
-        df = pd.read_json(path, lines=suffix == ".jsonl", dtype=False)
-    else:
-        raise ValueError(f"{path}: unknown manifest format {suffix!r} (csv, parquet, jsonl)")
+    readers = {
+        ".csv": lambda: pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8").replace({"": None}),
+        ".parquet": lambda: pd.read_parquet(path), ".pq": lambda: pd.read_parquet(path),
+        ".jsonl": lambda: pd.read_json(path, lines=True, dtype=False, encoding="utf-8"),
+        ".json": lambda: pd.read_json(path, dtype=False, encoding="utf-8"),
+    }
+    if suffix not in readers:
+        raise ManifestError(f"{path}: unknown manifest format {suffix!r} (csv, parquet, jsonl)")
+    if path.is_dir():
+        raise ManifestError(f"{path}: is a folder, not a manifest file")
+    if path.stat().st_size == 0:
+        raise ManifestError(f"{path}: empty file (0 bytes); a manifest needs a header and a row per image")
+    try:
+        df = readers[suffix]()
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+                            "save it as UTF-8") from exc
+    except Exception as exc:  # noqa: BLE001 - every reader error means the same: this file is not a manifest
+        raise ManifestError(f"{path}: cannot read it as {suffix[1:]}: {type(exc).__name__}: {exc}") from exc
     if "image" not in df.columns:
-        raise ValueError(f"{path}: manifest has no 'image' column (columns: {list(df.columns)})")
+        raise ManifestError(f"{path}: manifest has no 'image' column (columns: {list(df.columns)})")
+    if df.empty:
+        raise ManifestError(f"{path}: manifest has no rows (only a header), nothing to build")
     return df
 
 
@@ -81,16 +106,40 @@ def _resolve(base: Path, p) -> str | None:
     return str(p if p.is_absolute() else base / p)
 
 
+def path_id(image, base: Path) -> str:
+    """Id of a row without one: the image path relative to the manifest minus its suffix, so that a/x.png
+    and b/x.png stay apart. An absolute path outside the manifest's folder keeps all its folders."""
+    if not image:
+        return ""
+    p = Path(str(image))
+    if p.is_absolute():
+        try:
+            p = p.relative_to(os.path.abspath(base))
+        except ValueError:
+            pass
+    return "/".join(q for q in p.with_suffix("").parts if q not in (p.anchor, ".", ".."))
+
+
+def clean_id(rid) -> str:
+    # ids name output files: only safe characters, and no leading dot (hidden file, "..")
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", str(rid)).lstrip(".") or "_"
+
+
+def canonical_split(name) -> str:
+    """labelled / unlabelled / val / test, also from train, validation, valid (any case); else unchanged."""
+    s = SPLIT_ALIASES.get(str(name).strip().lower(), str(name).strip().lower())
+    return s if s in SPLITS else str(name)
+
+
 def normalise(df: pd.DataFrame, base: Path, source: str, default_split: str) -> pd.DataFrame:
     """Any input table -> columns id, split, image, mask, instances, local_prompt, global_prompt,
     objects, background, mask_kind, source (paths resolved against `base`)."""
     rows = []
     for _, r in df.iterrows():
         image = _resolve(base, _val(r, "image"))
-        rid = _val(r, "id") or (Path(str(_val(r, "image") or "")).stem)
         rows.append({
-            "id": re.sub(r"[^A-Za-z0-9_.-]", "_", str(rid)),
-            "split": _val(r, "split") or default_split,
+            "id": clean_id(_val(r, "id") or path_id(_val(r, "image"), base)),
+            "split": canonical_split(_val(r, "split") or default_split),
             "image": image,
             "mask": _resolve(base, _val(r, "mask")),
             "instances": _resolve(base, _val(r, "instances")),
@@ -107,12 +156,18 @@ def normalise(df: pd.DataFrame, base: Path, source: str, default_split: str) -> 
 
 
 def from_folders(image_dir: str | Path, mask_dir: str | Path | None) -> pd.DataFrame:
-    exts = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
-    images = sorted(p for p in Path(image_dir).iterdir() if p.suffix.lower() in exts)
+    """Images of one folder (not recursive), masks matched by stem; id = stem (the path in the folder)."""
+    for d in (image_dir, mask_dir):
+        if d is not None and not Path(d).is_dir():
+            raise FileNotFoundError(f"{d}: folder not found")
+    images = sorted(p for p in Path(image_dir).iterdir() if p.suffix.lower() in IMAGE_EXTS)
+    if not images:
+        raise ManifestError(f"{image_dir}: no images in the folder ({', '.join(sorted(IMAGE_EXTS))})")
     masks = {}
     if mask_dir is not None:
-        masks = {p.stem: str(p) for p in Path(mask_dir).iterdir() if p.suffix.lower() in exts}
-    return pd.DataFrame({"image": [str(p) for p in images], "mask": [masks.get(p.stem) for p in images]})
+        masks = {p.stem: str(p) for p in Path(mask_dir).iterdir() if p.suffix.lower() in IMAGE_EXTS}
+    return pd.DataFrame({"id": [p.stem for p in images], "image": [str(p) for p in images],
+                         "mask": [masks.get(p.stem) for p in images]})
 
 
 def load_input(cfg: TripletsConfig, scenes_manifest: str | Path) -> pd.DataFrame:
@@ -131,13 +186,14 @@ def load_input(cfg: TripletsConfig, scenes_manifest: str | Path) -> pd.DataFrame
 
 # ---------------------------------------------------------------- per-row processing
 
-def _open(path: str | None, what: str, mode: str) -> Image.Image:
+def _open(path: str | None, what: str, convert) -> Image.Image:
+    """Decode ``path`` fully (truncated files fail) and ``convert`` it (images.to_rgb / to_mask)."""
     if path is None or not Path(path).is_file():
         raise Bad(str(path), f"missing file ({what})", "missing_file")
     try:
-        img = Image.open(path)
-        img.load()  # full decode: catches truncated files
-        return img.convert(mode)
+        return convert(open_image(path))
+    except PixelError as exc:
+        raise Bad(path, f"{what}: {exc}", exc.kind)
     except Exception as exc:  # noqa: BLE001 - any decoder error is a bad row
         raise Bad(path, f"unreadable {what}: {type(exc).__name__}: {exc}", "unreadable")
 
@@ -164,14 +220,14 @@ def _check_hole(hole: np.ndarray, file: str, when: str = "") -> None:
 def process_row(row: dict, cfg: TripletsConfig, size: int, out: Path) -> dict:
     """Check, resize and write one row; raises Bad(file, reason)."""
     if row["split"] not in SPLITS:
-        raise Bad(str(row["image"]), f"unknown split {row['split']!r} (allowed: {list(SPLITS)})", "unknown_split")
-    img = _open(row["image"], "image", "RGB")
+        raise Bad(str(row["image"]), f"unknown split {row['split']!r} (allowed: {ALLOWED_SPLITS})", "unknown_split")
+    img = _open(row["image"], "image", to_rgb)
     orig = img.size
     box = crop_box(*img.size, cfg.resize)
     img = img.resize((size, size), Image.BICUBIC, box=box)
     kind = row["mask_kind"]
     if row["mask"] is not None:
-        m = _open(row["mask"], "mask", "L")
+        m = _open(row["mask"], "mask", to_mask)
         if m.size != orig:
             raise Bad(row["mask"], f"mask size {m.size[0]}x{m.size[1]} differs from image {orig[0]}x{orig[1]}",
                       "size_mismatch")
@@ -187,7 +243,8 @@ def process_row(row: dict, cfg: TripletsConfig, size: int, out: Path) -> dict:
     Image.fromarray(hole.astype(np.uint8) * 255, "L").save(out / rel["mask"], compress_level=1)
     instances = None
     if row["instances"] is not None:
-        inst = _open(row["instances"], "instances", "L").resize((size, size), Image.NEAREST, box=box)
+        inst = _open(row["instances"], "instances", lambda i: i.convert("L"))
+        inst = inst.resize((size, size), Image.NEAREST, box=box)
         instances = f"instances/{row['id']}.png"
         inst.save(out / instances, compress_level=1)
     unlabelled = row["split"] == "unlabelled"  # the stage-2 pool carries no prompts
@@ -217,7 +274,8 @@ def in_shard(row_id: str, shard: tuple[int, int]) -> bool:
 
 def build_triplets(rows: pd.DataFrame, cfg: TripletsConfig, size: int, out: str | Path,
                    shard: tuple[int, int] = (0, 1), progress: bool = True) -> tuple[pd.DataFrame, dict]:
-    """Write the triplet folder atomically; returns (manifest, metrics). Raises BadRowsError (on_bad=fail)."""
+    """Write the triplet folder atomically; returns (manifest, metrics). Raises BadRowsError (on_bad=fail),
+    NotOurOutputError (``out`` holds files this project did not write)."""
     out = Path(out)
     seen: dict[str, int] = {}
     dup_of = {}
@@ -226,8 +284,7 @@ def build_triplets(rows: pd.DataFrame, cfg: TripletsConfig, size: int, out: str 
             dup_of[i] = seen[rid]
         else:
             seen[rid] = i
-    tmp = atomic_dir(out)
-    try:
+    with write_dir(out) as tmp:  # refuses an --out holding files we did not write; nothing partial on error
         for d in ("images", "masks", "instances"):
             (tmp / d).mkdir()
         good, bad = [], []
@@ -259,10 +316,6 @@ def build_triplets(rows: pd.DataFrame, cfg: TripletsConfig, size: int, out: str 
             "splits": {k: int(v) for k, v in df["split"].value_counts().sort_index().items()},
             "shard": f"{shard[0]}/{shard[1]}",
         }
-        commit_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return df, metrics
 
 

@@ -320,36 +320,33 @@ def preflight(cfg: Config, captioner: bool = True) -> World:
 # ----------------------------------------------------------------------------------------- materialise
 
 
-def _link_tree(src: Path, dst: Path, how: str) -> None:
-    """Mirror ``src`` into a fresh ``dst`` (a real folder): per-file symlinks to the resolved blobs,
-    hard links, or copies. Only the files a model folder needs (ALLOW_PATTERNS) are mirrored."""
+def _link_tree(src: Path, dst: Path, how: str, info: dict) -> None:
+    """Mirror ``src`` into a fresh ``dst`` (a real folder, written atomically with ``info`` as SOURCE.json):
+    per-file symlinks to the resolved blobs, hard links, or copies. Only the files a model folder needs
+    (ALLOW_PATTERNS) are mirrored."""
     import fnmatch
 
-    dst = Path(dst)
-    tmp = dst.with_name(f".tmp-{dst.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for f in sorted(src.rglob("*")):
-        if f.is_dir() or not any(fnmatch.fnmatch(f.name, p) for p in ALLOW_PATTERNS):
-            continue
-        out = tmp / f.relative_to(src)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        real = f.resolve()
-        if how == "symlink":
-            out.symlink_to(real)
-        elif how == "hardlink":
-            try:
-                os.link(real, out)
-            except OSError:
+    from pipeline.atomic import write_dir
+
+    with write_dir(dst) as tmp:
+        files = [f for f in sorted(src.rglob("*"))
+                 if not f.is_dir() and any(fnmatch.fnmatch(f.name, p) for p in ALLOW_PATTERNS)]
+        if not files:
+            raise ModelError(f"{src}: no model files to materialise")
+        for f in files:
+            out = tmp / f.relative_to(src)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            real = f.resolve()
+            if how == "symlink":
+                out.symlink_to(real)
+            elif how == "hardlink":
+                try:
+                    os.link(real, out)
+                except OSError:
+                    shutil.copy2(real, out)
+            else:
                 shutil.copy2(real, out)
-        else:
-            shutil.copy2(real, out)
-    if not tmp.exists():
-        raise ModelError(f"{src}: no model files to materialise")
-    if dst.is_symlink() or dst.is_file():
-        dst.unlink()
-    else:
-        shutil.rmtree(dst, ignore_errors=True)
-    os.replace(tmp, dst)
+        (tmp / "SOURCE.json").write_text(json.dumps(info, indent=2))
 
 
 def materialise(cfg: Config, what: Literal["vae", "backbone", "teacher"], out: Path) -> dict:
@@ -359,9 +356,7 @@ def materialise(cfg: Config, what: Literal["vae", "backbone", "teacher"], out: P
     world = preflight(cfg, captioner=(what == "vae"))  # the first foundation stage checks the captioner too
     r = world.teacher if what == "teacher" else world.foundation
     src = r.path / "vae" if what == "vae" else r.path
-    _link_tree(src, Path(out), w.link)
-    info = {**r.source(), "component": what, "link": w.link}
-    (Path(out) / "SOURCE.json").write_text(json.dumps(info, indent=2))
+    _link_tree(src, Path(out), w.link, {**r.source(), "component": what, "link": w.link})
     metrics = {"source": "pretrained", "repo": r.ref.repo, "revision": r.ref.revision,
                "resolved_commit": r.commit, "resolved_from": r.how}
     if what == "vae":
