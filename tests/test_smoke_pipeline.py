@@ -97,3 +97,32 @@ def test_editing_a_module_reruns_exactly_the_stages_that_import_it(smoke, module
     spec = __import__("yaml").safe_load((ws / "dvc.yaml").read_text())["stages"]
     importers = {name for name, st in spec.items() if module in import_closure(st["cmd"].split()[2], ws)}
     assert importers and changed == importers
+
+
+def test_documented_sweep_runs_as_a_dvc_experiment(smoke):
+    """Last in this module: it changes the workspace. `dvc exp run -S` rewrites params.yaml; the file must
+    still validate (no value a rewrite reinterprets) and `dvc exp show` must stay readable."""
+    from pipeline.config import load
+
+    ws, _, _ = smoke
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@localhost"]
+    subprocess.run([*git, "add", "-A"], cwd=ws, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "smoke run"], cwd=ws, check=True)
+    run = subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "-S", "distill.stage1.train.steps=8",
+                          "-n", "steps8"], cwd=ws, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    cfg = load(ws / "params.yaml")
+    assert cfg.distill.stage1.train.steps == 8 and cfg.distill.mixed_precision == "fp32"
+    shown = json.loads(subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=ws,
+                                      capture_output=True, text=True, check=True).stdout)
+    exps = [e for commit in shown for e in (commit.get("experiments") or [])]
+    runs = [r for e in exps for r in e.get("revs", [])]
+    steps8 = [r for r in runs if r.get("name") == "steps8"]
+    assert steps8, shown
+    params = steps8[0]["data"]["params"]["params.yaml"]["data"]
+    assert params["distill"]["stage1"]["train"]["steps"] == 8
+    assert "metrics/headline.json" in steps8[0]["data"]["metrics"]
+    table = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--only-changed", "--md"], cwd=ws,
+                           capture_output=True, text=True, check=True).stdout
+    header = table.splitlines()[0]
+    assert len(header) < 2000, header   # 27,615 characters before the metrics were split

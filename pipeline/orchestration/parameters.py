@@ -37,8 +37,8 @@ def apply_parameters(workspace: str | Path = ".", profile: str | None = None,
         apply_profile(profile, root)       # the workspace's configs/PROFILE.yaml, as `pipeline.profile use`
     if overrides:
         update_params(params, _nested(overrides))
-    if params.exists() and (profile or overrides):
-        load(params)   # a bad value fails here, naming the key, before any stage runs
+    if params.exists():
+        load(params)   # every section, every variant: a bad value fails here, naming the key, before any stage runs
     diff = subprocess.run([*DVC, "params", "diff", "--md"], cwd=str(root), env=command_env(),
                           capture_output=True, text=True)
     return {"workspace": str(root.resolve()), "profile": profile, "overrides": overrides or {},
