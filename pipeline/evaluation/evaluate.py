@@ -13,9 +13,7 @@ StableDiffusion3ControlNetInpaintingPipeline's conventions; tests/test_sampler.p
 
 from __future__ import annotations
 
-import os
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -25,13 +23,12 @@ from PIL import Image
 
 from pipeline.config import Config, EvaluateConfig
 from pipeline.data.images import read_images, read_masks
-from pipeline.evaluation.quality import psnr, ssim
+from pipeline.evaluation.quality import agreement, optional_metrics, quality
 from pipeline.evaluation.sampler import inpaint_all
 from pipeline.models import inpaint
+from pipeline.models.mapping import TEACHER, convention_of
 
-TEACHER = "teacher"
 BACKBONE_ONLY = "backbone_only"
-OPTIONAL = ("lpips", "fid", "cmmd")
 
 
 
@@ -51,13 +48,6 @@ def load_pixels(df: pd.DataFrame, size: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 # ---------------------------------------------------------------------------------------------- models
-
-
-def convention_of(name: str) -> str:
-    from pipeline.distill.trainer import STUDENT_CONVENTION
-    from pipeline.foundation.teacher import TEACHER_CONVENTION
-
-    return TEACHER_CONVENTION if name == TEACHER else STUDENT_CONVENTION
 
 
 def load_controlnet(path: str | Path | None) -> SD3ControlNetModel | None:
@@ -80,117 +70,6 @@ def sample(cfg: Config, pipe, controlnet, name: str, images, masks, prompts) -> 
 
 
 # ---------------------------------------------------------------------------------------------- metrics
-
-
-def _mean(x: torch.Tensor) -> float:
-    return float(x.double().mean())
-
-
-def quality(pred: torch.Tensor, target: torch.Tensor, hole: torch.Tensor) -> dict[str, float]:
-    keep = 1 - hole
-    out = {"psnr": _mean(psnr(pred, target)), "ssim": _mean(ssim(pred, target)),
-           "psnr_std": float(psnr(pred, target).double().std()) if len(pred) > 1 else 0.0,
-           "psnr_masked": _mean(psnr(pred, target, hole)), "ssim_masked": _mean(ssim(pred, target, hole))}
-    if float(keep.sum()) > 0:
-        out.update(psnr_unmasked=_mean(psnr(pred, target, keep)), ssim_unmasked=_mean(ssim(pred, target, keep)))
-    else:
-        out.update(psnr_unmasked=None, ssim_unmasked=None)
-    return out
-
-
-def agreement(pred: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
-    return {"agree_psnr": _mean(psnr(pred, reference)), "agree_ssim": _mean(ssim(pred, reference))}
-
-
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    return ((x.float() + 1) / 2).clamp(0, 1)
-
-
-@contextmanager
-def _env(key: str, value: str):
-    old = os.environ.get(key)
-    os.environ[key] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = old
-
-
-def _lpips(path: str, net: str, pred, target) -> float:
-    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
-
-    with _env("TORCH_HOME", str(path)):  # torchvision loads the backbone weights from here, never downloads
-        m = LearnedPerceptualImagePatchSimilarity(net_type=net, normalize=True)
-        return float(m(_unit(pred), _unit(target)))
-
-
-def _fid(path: str, pred, target) -> float:
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
-    m = FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=str(path))
-    m.update(_unit(target), real=True)
-    m.update(_unit(pred), real=False)
-    return float(m.compute())
-
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-@torch.no_grad()
-def clip_embeddings(model, images: torch.Tensor) -> torch.Tensor:
-    """L2-normalised CLIP image embeddings of images in [-1, 1] (bicubic resize to the model's size)."""
-    size = model.config.image_size
-    x = torch.nn.functional.interpolate(_unit(images), size=(size, size), mode="bicubic", align_corners=False)
-    x = (x.clamp(0, 1) - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    emb = model(pixel_values=x.to(model.dtype)).image_embeds.double()
-    return emb / emb.norm(dim=-1, keepdim=True)
-
-
-def mmd(x: torch.Tensor, y: torch.Tensor, sigma: float = 10.0, scale: float = 1000.0) -> float:
-    """CMMD's statistic (Jayasumana et al. 2024, google-research/cmmd): Gaussian-RBF MMD^2 times 1000."""
-    gamma = 1 / (2 * sigma**2)
-
-    def k(a, b):
-        d = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T
-        return torch.exp(-gamma * d).mean()
-
-    return float(scale * (k(x, x) + k(y, y) - 2 * k(x, y)))
-
-
-def _cmmd(path: str, pred, target) -> float:
-    from transformers import CLIPVisionModelWithProjection
-
-    model = CLIPVisionModelWithProjection.from_pretrained(path, local_files_only=True).eval()
-    return mmd(clip_embeddings(model, target), clip_embeddings(model, pred))
-
-
-def optional_metrics(ec: EvaluateConfig, pred: torch.Tensor, target: torch.Tensor) -> tuple[dict, dict]:
-    """(values, reasons): a metric whose weights are not present locally is None with a reason."""
-    values: dict[str, float | None] = {}
-    reasons: dict[str, str] = {}
-    for name in OPTIONAL:
-        path = getattr(ec, f"{name}_weights")
-        values[name] = None
-        if path is None:
-            reasons[name] = f"no local weights (params evaluate.{name}_weights is null); never estimated"
-            continue
-        if not Path(path).exists():
-            reasons[name] = f"weights not found at {path}; never estimated"
-            continue
-        try:
-            if name == "lpips":
-                values[name] = _lpips(path, ec.lpips_net, pred, target)
-            elif name == "fid":
-                values[name] = _fid(path, pred, target)
-            else:
-                values[name] = _cmmd(path, pred, target)
-        except ImportError as exc:  # the package that reads the weights is not installed
-            reasons[name] = f"missing package: {exc}"
-    return values, reasons
 
 
 def score(name: str, pred, images, hole, reference, ec: EvaluateConfig) -> dict:

@@ -1,6 +1,7 @@
 """The ablation matrix: each variant is trained with pipeline.distill.trainer.distill on its own Config
 (params.yaml deep-merged with the ablation budget and the variant's overrides) and evaluated exactly as
-the `evaluate` stage evaluates the main student (same test images, seed, steps, CFG, conditioning scale).
+the `evaluate` stage evaluates the main student (same test images, seed, steps, CFG, conditioning scale,
+pipeline.evaluation.evaluate.evaluate_models). It lives beside the trainer: it is a training recipe.
 
 Variants (params ``ablations.variants``; each ``{two_stage: bool, overrides: {...params...}}``):
   full          two-stage, tri-level loss (the method)
@@ -59,7 +60,8 @@ def run_ablation(cfg: Config, variant: str, seed: int, *, foundation: Path, teac
     """Train one variant at one seed into ``out_dir`` and evaluate it against the teacher. ``df``: the
     test rows (as the evaluate stage reads them). Returns its metrics (training + evaluation)."""
     from pipeline.distill.trainer import distill
-    from pipeline.evaluation.evaluate import TEACHER, evaluate_models
+    from pipeline.evaluation.evaluate import evaluate_models
+    from pipeline.models.mapping import TEACHER
     from pipeline.models.world import load_foundation
 
     vcfg, two_stage = variant_config(cfg, variant, seed)
