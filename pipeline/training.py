@@ -171,22 +171,12 @@ class Loop:
                 idx = order[j * micro:(j + 1) * micro]
                 batch = {name: v[idx].to(acc.device) for name, v in self.data.items()}
                 gen = step_generator(self.seed, step, stream=2 + j)
-                with acc.accumulate(model), acc.autocast():
-                    terms = self.loss_fn(model, batch, gen)
-                    loss = terms["loss"]
-                    if not torch.isfinite(loss).all():
-                        bad = {k: float(v) for k, v in terms.items()}
-                        raise NonFiniteLoss(
-                            f"{self.name}: non-finite loss at step {step} ({bad}); stopped. The last good "
-                            f"checkpoint is kept in {self.checkpoint_dir}"
-                        )
-                    acc.backward(loss)
-                    if acc.sync_gradients:
-                        acc.clip_grad_norm_(params, self.train.max_grad_norm)
-                    opt.step()
-                    if acc.sync_gradients:
-                        sched.step()
-                    opt.zero_grad(set_to_none=True)
+                try:
+                    terms = train_step(acc, model, opt, params, self.loss_fn, batch, gen, self.train.max_grad_norm,
+                                       sched)
+                except NonFiniteLoss as exc:
+                    raise NonFiniteLoss(f"{self.name}: non-finite loss at step {step} ({exc}); stopped. The last "
+                                        f"good checkpoint is kept in {self.checkpoint_dir}") from None
             if ema:
                 ema.step(params)
             done = step + 1
@@ -252,6 +242,26 @@ class Loop:
                 p.requires_grad_(False)
         if unused:
             acc.print(f"{self.name}: {len(unused)} parameters get no gradient and are frozen: {', '.join(unused)}")
+
+
+def train_step(acc: Accelerator, model, opt, params, loss_fn, batch: dict, generator: torch.Generator,
+               max_grad_norm: float, sched=None) -> dict[str, torch.Tensor]:
+    """One micro-batch, as Loop trains and the benchmarks time it (one copy, so they cannot drift): the loss
+    under accelerate's autocast, a finite-loss check before anything changes, backward, then, once the
+    gradients are synchronised (the last micro-batch of an accumulation), clipping, the optimizer step and
+    the lr step. Raises NonFiniteLoss with the terms. Returns the terms."""
+    with acc.accumulate(model), acc.autocast():
+        terms = loss_fn(model, batch, generator)
+        if not torch.isfinite(terms["loss"]).all():
+            raise NonFiniteLoss({k: float(v) for k, v in terms.items()})
+        acc.backward(terms["loss"])
+        if acc.sync_gradients:
+            acc.clip_grad_norm_(params, max_grad_norm)
+        opt.step()
+        if acc.sync_gradients and sched is not None:
+            sched.step()
+        opt.zero_grad(set_to_none=True)
+    return terms
 
 
 def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
