@@ -27,33 +27,43 @@ from pipeline.flows import (
     select_stages,
 )
 
+from pipeline.atomic import MARKER  # noqa: E402
+from tests.params import full  # noqa: E402
+
 PY = sys.executable
 
 # Listed so that file order != DAG order: report needs train and validate_data, both need prepare.
 _REPORT = ("import json; m=json.load(open('metrics/train.json')); "
            "open('reports/report.md','w').write('# Report\\n\\nscore %s\\n' % m['score'])")
-_TRAIN = ("import yaml,json,sys; p=yaml.safe_load(open('params.yaml')); print('training with steps', p['train']['steps']); "
-          "sys.exit(print('boom: loss is nan') or 3) if p['fail']=='train' else "
-          "json.dump({'score': p['train']['steps']*0.5, 'nested': {'psnr': 19.2}}, open('metrics/train.json','w'))")
-_GATE = ("import yaml,json,sys; bad=yaml.safe_load(open('params.yaml'))['fail']=='gate'; "
+# The stages read the real params (validated by the flow) and the test's knobs from toy.yaml.
+_TRAIN = ("import yaml,json,sys; s=yaml.safe_load(open('params.yaml'))['distill']['stage1']['train']['steps']; "
+          "print('training with steps', s); "
+          "sys.exit(print('boom: loss is nan') or 3) if yaml.safe_load(open('toy.yaml'))['fail']=='train' else "
+          "json.dump({'score': s*0.5, 'nested': {'psnr': 19.2}}, open('metrics/train.json','w'))")
+_GATE = ("import yaml,json,sys; bad=yaml.safe_load(open('toy.yaml'))['fail']=='gate'; "
          "json.dump({'success': not bad, 'results': ["
          "{'success': True, 'expectation_config': {'type': 'expect_column_values_to_not_be_null', 'kwargs': {'column': 'image'}}, 'result': {}}, "
          "{'success': not bad, 'expectation_config': {'type': 'expect_column_values_to_be_unique', 'kwargs': {'column': 'id'}}, 'result': {'unexpected_count': int(bad)}}]}, "
          "open('metrics/gates/data.json','w')); "
          "sys.exit('gate data failed: expect_column_values_to_be_unique(id)' if bad else 0)")
 _PREPARE = ("import os,sys,yaml; [os.makedirs(d, exist_ok=True) for d in ('data','metrics/gates','reports')]; "
-            "flaky = yaml.safe_load(open('params.yaml')).get('flaky') and not os.path.exists('.tried'); "
+            "flaky = yaml.safe_load(open('toy.yaml')).get('flaky') and not os.path.exists('.tried'); "
             "open('.tried','w'); sys.exit('transient: connection reset' if flaky else 0) if flaky else "
             "open('data/x.txt','w').write('x')")
 DVC_SPEC = {"stages": {
     "report": {"cmd": f'python -c "{_REPORT}"', "deps": ["metrics/train.json", "metrics/gates/data.json"],
                "outs": ["reports/report.md"]},
-    "train": {"cmd": f'python -c "{_TRAIN}"', "deps": ["data/x.txt"], "params": ["train.steps", "fail"],
+    "train": {"cmd": f'python -c "{_TRAIN}"', "deps": ["data/x.txt", "toy.yaml"], "params": ["distill.stage1.train.steps"],
               "metrics": [{"metrics/train.json": {"cache": False}}]},
-    "validate_data": {"cmd": f'python -c "{_GATE}"', "deps": ["data/x.txt"], "params": ["fail"],
+    "validate_data": {"cmd": f'python -c "{_GATE}"', "deps": ["data/x.txt", "toy.yaml"],
                       "metrics": [{"metrics/gates/data.json": {"cache": False}}]},
-    "prepare": {"cmd": f'python -c "{_PREPARE}"', "outs": ["data/x.txt"]},
+    "prepare": {"cmd": f'python -c "{_PREPARE}"', "deps": ["toy.yaml"], "outs": ["data/x.txt"]},
 }}
+
+
+def toy(root: Path, fail: str = "none", flaky: bool = False) -> None:
+    """The toy stages' knobs: fail = none | train | gate; flaky: prepare fails once, transiently."""
+    (root / "toy.yaml").write_text(yaml.safe_dump({"fail": fail, "flaky": flaky}))
 
 
 def _make_project(root: Path) -> Path:
@@ -64,9 +74,9 @@ def _make_project(root: Path) -> Path:
     subprocess.run([PY, "-m", "dvc", "init", "-q"], cwd=root, check=True, env=env)
     subprocess.run([PY, "-m", "dvc", "config", "core.analytics", "false"], cwd=root, check=True, env=env)
     (root / "dvc.yaml").write_text(yaml.safe_dump(DVC_SPEC, sort_keys=False))
-    (root / "params.yaml").write_text(
-        "# tiny project\nfail: none   # none | train | gate\ntrain:\n  steps: 4\nflows:\n  retries: 0\n"
-    )
+    (root / "params.yaml").write_text("# tiny project\n" + yaml.safe_dump(
+        full({"distill": {"stage1": {"train": {"steps": 4}}}, "flows": {"retries": 0}}), sort_keys=False))
+    toy(root)
     for d in ("data", "metrics/gates", "reports"):
         (root / d).mkdir(parents=True, exist_ok=True)
     subprocess.run(["git", "add", "-A"], cwd=root, check=True, env=env)
@@ -157,11 +167,11 @@ def test_helpers(tmp_path):
 
 
 def test_full_flow_runs_dag_in_order_with_artifacts(harness, project):
-    results = flows.pipeline_flow(str(project), overrides={"train.steps": 6})
+    results = flows.pipeline_flow(str(project), overrides={"distill.stage1.train.steps": 6})
     assert [r["stage"] for r in results] == ["prepare", "train", "validate_data", "report"]
     assert json.loads((project / "metrics/train.json").read_text())["score"] == 3.0   # override applied
     assert "# tiny project" in (project / "params.yaml").read_text()                    # comments kept
-    assert "steps: 6" in (project / "params.yaml").read_text()
+    assert yaml.safe_load((project / "params.yaml").read_text())["distill"]["stage1"]["train"]["steps"] == 6
 
     metrics = _artifact("run-metrics")
     assert metrics is not None and "nested.psnr" in metrics.data
@@ -170,14 +180,15 @@ def test_full_flow_runs_dag_in_order_with_artifacts(harness, project):
     report = _artifact("report")
     assert report is not None and "score 3.0" in report.data
     params = _artifact("run-parameters")
-    assert params is not None and "train.steps" in params.data
+    assert params is not None and "distill.stage1.train.steps" in params.data
 
     again = flows.evaluate_flow(str(project))    # evaluate+report only: the existing stages of that set
     assert [r["stage"] for r in again] == ["report"] and again[0]["skipped"]
 
 
 def test_failing_stage_fails_flow_naming_stage(harness, project):
-    state = flows.pipeline_flow(str(project), overrides={"fail": "train"}, return_state=True)
+    toy(project, fail="train")
+    state = flows.pipeline_flow(str(project), return_state=True)
     assert state.is_failed()
     with pytest.raises(StageFailed) as err:
         state.result()
@@ -187,8 +198,8 @@ def test_failing_stage_fails_flow_naming_stage(harness, project):
 
 
 def test_failing_gate_fails_flow_naming_expectation(harness, project):
-    state = flows.pipeline_flow(str(project), overrides={"fail": "gate"}, targets=["validate_data"],
-                                return_state=True)
+    toy(project, fail="gate")
+    state = flows.pipeline_flow(str(project), targets=["validate_data"], return_state=True)
     assert state.is_failed()
     with pytest.raises(GateFailed, match=r"data: expect_column_values_to_be_unique\(id\)"):
         state.result()
@@ -202,8 +213,8 @@ def test_fan_out_two_shards_through_dask(harness, tmp_path):
     dirs = flows.fan_out(cmd, 2, "data/out", tmp_path)
     assert len(dirs) == 2
     out = tmp_path / "data/out"
-    assert sorted(p.name for p in out.iterdir()) == ["part-0.txt", "part-1.txt"]
-    union = sorted(int(x) for p in out.iterdir() for x in p.read_text().split())
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "part-0.txt", "part-1.txt"]   # ours: replaceable
+    union = sorted(int(x) for p in out.glob("part-*") for x in p.read_text().split())
     assert union == list(range(10))
 
 
@@ -217,8 +228,9 @@ def test_retry_only_transient_failures():
 
 
 def test_transient_failure_is_retried(harness, project):
+    toy(project, flaky=True)
     results = flows.pipeline_flow(str(project), targets=["prepare"],
-                                  overrides={"flaky": True, "flows": {"retries": 1, "retry_delay_seconds": 0}})
+                                  overrides={"flows": {"retries": 1, "retry_delay_seconds": 0}})
     assert [r["stage"] for r in results] == ["prepare"]
     assert (project / ".tried").exists() and (project / "data/x.txt").read_text() == "x"
 
@@ -234,16 +246,17 @@ def test_sharded_stage_fans_out_and_is_committed_to_dvc(harness, project):
     sharded = {"encode": {"command": shard_cmd, "num_shards": 2, "out": "data/enc"}}
     results = flows.pipeline_flow(str(project), targets=["encode"], overrides={"flows": {"sharded": sharded}})
     assert [r["stage"] for r in results] == ["prepare", "encode"] and not results[1]["skipped"]
-    assert sorted(p.name for p in (project / "data/enc").iterdir()) == ["part-0.txt", "part-1.txt"]
+    assert sorted(p.name for p in (project / "data/enc").glob("part-*")) == ["part-0.txt", "part-1.txt"]
     assert flows.dvc_stage_is_current("encode", project)          # dvc.lock records the merged output
 
 
 def test_profile_applied_and_unknown_profile_named(tmp_path):
     root = _make_project(tmp_path / "p")
     (root / "configs").mkdir()
-    (root / "configs" / "smoke.yaml").write_text("train:\n  steps: 1\n")
-    record = flows.apply_parameters(root, "smoke", {"fail": "none"})
-    assert yaml.safe_load((root / "params.yaml").read_text())["train"]["steps"] == 1
-    assert record["profile"] == "smoke" and "train.steps" in record["params_diff_vs_head"]
+    (root / "configs" / "smoke.yaml").write_text("distill:\n  stage1:\n    train:\n      steps: 1\n")
+    record = flows.apply_parameters(root, "smoke", {"seed": 3})
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    assert raw["distill"]["stage1"]["train"]["steps"] == 1 and raw["seed"] == 3
+    assert record["profile"] == "smoke" and "distill.stage1.train.steps" in record["params_diff_vs_head"]
     with pytest.raises(ValueError, match=r"profile 'nope'.*known profiles: \['default', 'smoke'\]"):
         flows.apply_parameters(root, "nope")
