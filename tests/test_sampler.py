@@ -14,7 +14,7 @@ from diffusers import StableDiffusion3ControlNetInpaintingPipeline
 from diffusers.models.autoencoders import vae as vae_mod
 from PIL import Image
 
-from pipeline.distill.trainer import STUDENT_CONVENTION
+from pipeline.models.mapping import STUDENT_CONVENTION
 from pipeline.evaluation.quality import psnr
 from pipeline.evaluation.sampler import inpaint_images
 from pipeline.foundation.data import pixels, scenes

@@ -1,8 +1,9 @@
 """Stage-1 training throughput with cached shards vs encoding on the fly, side by side in one run.
 
-Both arms run the same stage-1 step (pipeline.distill.trainer.DistillLoss, a forward/backward through the
-student-controlled backbone, the teacher without grad, an AdamW step on the student) on the same batch
-indices; they differ only in where the batch comes from:
+Both arms run the stage-1 training step itself (pipeline.distill.trainer.DistillLoss through
+pipeline.training.train_step, as the trainer's Loop runs it: autocast, backward, clipping, the configured
+optimizer; the frozen models placed as in training) on the same batch indices; they differ only in where
+the batch comes from:
 
 * ``cached``: rows of the loaded encoded shards (pipeline.data.shards.load_split), as training reads them;
 * ``on_the_fly``: the same rows' PNGs read and encoded per step (pipeline.data.encode.encode_rows: VAE
@@ -15,41 +16,19 @@ drift in the machine's load hits both; the rate reported is the median over roun
 from __future__ import annotations
 
 import statistics
-import time
 from pathlib import Path
 
 import pandas as pd
 import torch
-from diffusers import SD3ControlNetModel
+from accelerate import Accelerator
 
 from pipeline.config import Config, EncodeBenchmarkConfig
 from pipeline.data.encode import encode_rows, joined
 from pipeline.data.shards import load_split
-from pipeline.distill.trainer import SPLIT_OF, DistillLoss, build_student
-from pipeline.models import inpaint
-from pipeline.models.world import load_foundation
-from pipeline.training import batch_indices, step_generator
-
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _batch_from(t: dict[str, torch.Tensor], prompt: str, device: torch.device) -> dict[str, torch.Tensor]:
-    """Shard tensors (or encode_rows output) -> the stage-1 batch DistillLoss takes (as trainer.stage_data)."""
-    p = "" if prompt == "local" else "global_"
-    t = {k: v.to(device) for k, v in t.items()}
-    return {"latents": t["latents"], "control": inpaint.control_input(t["masked_latents"], t["mask"]),
-            "mask": t["mask"], "prompt_embeds": t[f"{p}prompt_embeds"],
-            "pooled_prompt_embeds": t[f"{p}pooled_prompt_embeds"]}
+from pipeline.distill.trainer import SPLIT_OF, batch_from, place_frozen, student_and_loss
+from pipeline.models.world import load_controlnet, load_foundation
+from pipeline.timing import stopwatch
+from pipeline.training import batch_indices, make_optimizer, step_generator, train_step
 
 
 def run_benchmark(cfg: Config, bcfg: EncodeBenchmarkConfig, *, foundation: Path, teacher: Path, encoded: Path,
@@ -60,50 +39,46 @@ def run_benchmark(cfg: Config, bcfg: EncodeBenchmarkConfig, *, foundation: Path,
     stage = "stage1"
     split = SPLIT_OF[stage]
     stage_cfg = cfg.distill.stage1
-    device = _device(bcfg.device)
-    pipe = load_foundation(foundation).to(device)
-    backbone = pipe.transformer.requires_grad_(False)
-    teacher_model = SD3ControlNetModel.from_pretrained(teacher).to(device).eval().requires_grad_(False)
-    student = build_student(cfg, backbone, None).to(device).train()
-    loss_fn = DistillLoss(cfg, stage, stage_cfg, backbone, teacher_model, student)
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    want = torch.device(auto if bcfg.device == "auto" else bcfg.device)
+    if want.type == "cuda" and want.index is not None:
+        torch.cuda.set_device(want)  # accelerate trains on the current CUDA device
+    acc = Accelerator(mixed_precision=cfg.distill.accelerate_precision, cpu=want.type != "cuda")
+    device = acc.device
+    pipe = load_foundation(foundation, device=device)  # its VAE and text encoders serve the on-the-fly arm
+    backbone = pipe.transformer
+    teacher_model = load_controlnet(teacher, device=device)
+    student, loss_fn = student_and_loss(cfg, stage, backbone, teacher_model)
+    place_frozen(cfg, device, backbone, teacher_model)
     params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=stage_cfg.train.lr, weight_decay=stage_cfg.train.weight_decay)
+    model, opt = acc.prepare(student, make_optimizer(cfg.distill.optimizer, params, stage_cfg.train.lr,
+                                                     stage_cfg.train.weight_decay))
+    model.train()
 
-    t_load = time.perf_counter()
-    ids, cached = load_split(encoded, split)
-    load_seconds = time.perf_counter() - t_load
+    with stopwatch() as load:
+        ids, cached = load_split(encoded, split)
     df = joined(triplets, captions) if rows is None else rows
     df = df[df["split"] == split].set_index("id").loc[ids].reset_index()  # the shards' row order
     n = len(ids)
     encode_seconds: list[float] = []
 
     def cached_batch(idx):
-        return _batch_from({k: v[idx] for k, v in cached.items()}, stage_cfg.prompt, device)
+        return batch_from({k: v[idx].to(device) for k, v in cached.items()}, stage_cfg.prompt)
 
     def on_the_fly_batch(idx):
-        t0 = time.perf_counter()
-        t = encode_rows(pipe, df.iloc[idx.tolist()], cfg.data.image_size, cfg.text.max_sequence_length)
-        _sync(device)
-        encode_seconds.append(time.perf_counter() - t0)
-        return _batch_from(t, stage_cfg.prompt, device)
-
-    def train_step(step: int, make_batch) -> float:
-        idx = batch_indices(n, bcfg.batch_size, cfg.seed, step)
-        batch = make_batch(idx)
-        terms = loss_fn(student, batch, step_generator(cfg.seed, step, stream=2))
-        terms["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(params, stage_cfg.train.max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return float(terms["loss"].detach())
+        with stopwatch(device) as t:
+            rows_t = encode_rows(pipe, df.iloc[idx.tolist()], cfg.data.image_size, cfg.text.max_sequence_length)
+        encode_seconds.append(t.seconds)
+        return batch_from({k: v.to(device) for k, v in rows_t.items()}, stage_cfg.prompt)
 
     def timed(make_batch, first_step: int, steps: int) -> float:
-        _sync(device)
-        t0 = time.perf_counter()
-        for s in range(first_step, first_step + steps):
-            train_step(s, make_batch)
-        _sync(device)
-        return time.perf_counter() - t0
+        """Seconds of ``steps`` training steps (pipeline.training.train_step, as Loop runs them)."""
+        with stopwatch(device) as t:
+            for s in range(first_step, first_step + steps):
+                batch = make_batch(batch_indices(n, bcfg.batch_size, cfg.seed, s))
+                train_step(acc, model, opt, params, loss_fn, batch, step_generator(cfg.seed, s, stream=2),
+                           stage_cfg.train.max_grad_norm)
+        return t.seconds
 
     arms = {"cached": cached_batch, "on_the_fly": on_the_fly_batch}
     for name, make in arms.items():
@@ -130,7 +105,7 @@ def run_benchmark(cfg: Config, bcfg: EncodeBenchmarkConfig, *, foundation: Path,
         "cached_samples_per_s_rounds": rates["cached"],
         "on_the_fly_samples_per_s_rounds": rates["on_the_fly"],
         "on_the_fly_encode_seconds_per_step": encode_per_step,
-        "shard_load_seconds": load_seconds,
+        "shard_load_seconds": load.seconds,
         "split": split,
         "rows": n,
         "image_size": cfg.data.image_size,

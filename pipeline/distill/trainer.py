@@ -17,27 +17,44 @@ from diffusers import SD3ControlNetModel
 from pipeline.config import Config, StageConfig
 from pipeline.data.shards import load_split
 from pipeline.distill.losses import af_loss, check_weights, distill_loss, task_loss
-from pipeline.foundation.teacher import TEACHER_CONVENTION
 from pipeline.models import flow, inpaint
 from pipeline.models.controlled import Controlled
-from pipeline.models.mapping import af_pairs, skipped_blocks, unused_layers
+from pipeline.models.mapping import STUDENT_CONVENTION, TEACHER_CONVENTION, af_pairs, skipped_blocks, unused_layers
 from pipeline.models.student import controlnet_from_backbone
-from pipeline.models.world import load_foundation
+from pipeline.models.world import load_controlnet, load_foundation
 from pipeline.training import Loop, save_atomic
 
-STUDENT_CONVENTION = "interval"
 Stage = Literal["stage1", "stage2"]
 SPLIT_OF = {"stage1": "labelled", "stage2": "unlabelled"}
 
 
-def stage_data(encoded_dir: Path, stage: Stage, prompt: str) -> dict[str, torch.Tensor]:
-    """The tensors a stage trains on. Stage 2 gets the image latents only to noise them."""
+def shard_keys(prompt: str) -> tuple[str, ...]:
+    """The encoded-shard tensors a stage reads: local prompts are ``prompt_embeds``, global ``global_*``."""
     p = "" if prompt == "local" else "global_"
-    keys = ("latents", "masked_latents", "mask", f"{p}prompt_embeds", f"{p}pooled_prompt_embeds")
-    _, t = load_split(encoded_dir, SPLIT_OF[stage], keys)
+    return ("latents", "masked_latents", "mask", f"{p}prompt_embeds", f"{p}pooled_prompt_embeds")
+
+
+def batch_from(t: dict[str, torch.Tensor], prompt: str) -> dict[str, torch.Tensor]:
+    """Encoded-shard tensors (rows of them, or pipeline.data.encode output) -> what DistillLoss reads: the
+    control input as the stock inpainting pipeline builds it, and the stage's prompt embeddings."""
+    p = "" if prompt == "local" else "global_"
     return {"latents": t["latents"], "control": inpaint.control_input(t["masked_latents"], t["mask"]),
             "mask": t["mask"], "prompt_embeds": t[f"{p}prompt_embeds"],
             "pooled_prompt_embeds": t[f"{p}pooled_prompt_embeds"]}
+
+
+def stage_data(encoded_dir: Path, stage: Stage, prompt: str) -> dict[str, torch.Tensor]:
+    """The tensors a stage trains on: its split (SPLIT_OF). Stage 2 gets the image latents only to noise them."""
+    _, t = load_split(encoded_dir, SPLIT_OF[stage], shard_keys(prompt))
+    return batch_from(t, prompt)
+
+
+def place_frozen(cfg: Config, device, *models: torch.nn.Module) -> None:
+    """Move the frozen backbone and teacher to the student's device, in the autocast dtype of
+    ``distill.mixed_precision`` (they take no gradient, so they need no float32 master weights)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.distill.mixed_precision, torch.float32)
+    for m in models:
+        m.to(device, dtype)
 
 
 @dataclass
@@ -110,13 +127,8 @@ def build_student(cfg: Config, backbone, init: Path | None) -> SD3ControlNetMode
     return SD3ControlNetModel.from_pretrained(init)
 
 
-def distill(cfg: Config, stage: Stage, *, foundation: Path, teacher: Path, encoded: Path, out: Path,
-            checkpoints: Path, live: Path | None, init: Path | None = None,
-            max_steps_this_run: int | None = None) -> dict:
-    stage_cfg: StageConfig = getattr(cfg.distill, stage)
-    pipe = load_foundation(foundation, with_t5=False)  # prompts come embedded from the encode stage
-    backbone = pipe.transformer
-    teacher_model = SD3ControlNetModel.from_pretrained(teacher).eval().requires_grad_(False)
+def student_and_loss(cfg: Config, stage: Stage, backbone, teacher, init: Path | None = None):
+    """(student, DistillLoss) exactly as ``distill`` trains them; the encode benchmark times the same."""
     student = build_student(cfg, backbone, init)
     dead = unused_layers(Controlled(backbone, student, STUDENT_CONVENTION).mapping, student.config.num_layers)
     if dead:
@@ -124,19 +136,27 @@ def distill(cfg: Config, stage: Stage, *, foundation: Path, teacher: Path, encod
     if cfg.distill.gradient_checkpointing:
         student.enable_gradient_checkpointing()
         backbone.enable_gradient_checkpointing()
-    loss = DistillLoss(cfg, stage, stage_cfg, backbone, teacher_model, student)
+    return student, DistillLoss(cfg, stage, getattr(cfg.distill, stage), backbone, teacher, student)
+
+
+def distill(cfg: Config, stage: Stage, *, foundation: Path, teacher: Path, encoded: Path, out: Path,
+            checkpoints: Path, live: Path | None, init: Path | None = None,
+            max_steps_this_run: int | None = None) -> dict:
+    stage_cfg: StageConfig = getattr(cfg.distill, stage)
+    pipe = load_foundation(foundation, with_t5=False)  # prompts come embedded from the encode stage
+    backbone = pipe.transformer
+    teacher_model = load_controlnet(teacher)
+    student, loss = student_and_loss(cfg, stage, backbone, teacher_model, init)
     data = stage_data(encoded, stage, stage_cfg.prompt)
 
-    def place_frozen(acc):  # the frozen models follow the student onto the accelerator's device (GPU)
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.distill.mixed_precision, torch.float32)
-        backbone.to(acc.device, dtype)
-        teacher_model.to(acc.device, dtype)
+    def on_start(acc):  # the frozen models follow the student onto the accelerator's device (GPU)
+        place_frozen(cfg, acc.device, backbone, teacher_model)
 
     loop = Loop(stage, student, data, loss, stage_cfg.train, cfg.seed + (0 if stage == "stage1" else 1), checkpoints,
                 checkpoint_every=cfg.distill.checkpoint_every, keep_checkpoints=cfg.distill.keep_checkpoints,
                 live_dir=live, gradient_accumulation_steps=cfg.distill.gradient_accumulation_steps,
                 mixed_precision=cfg.distill.accelerate_precision, ema_decay=cfg.distill.ema_decay,
-                max_steps_this_run=max_steps_this_run, on_start=place_frozen,
+                max_steps_this_run=max_steps_this_run, on_start=on_start,
                 optimizer=cfg.distill.optimizer, fingerprint=f"{cfg.seed}{cfg.scheduler}{cfg.distill}")
     result = loop.run()
     metrics = {f"{stage}_train_seconds": result.seconds, f"{stage}_samples_per_s": result.samples_per_second,

@@ -18,9 +18,7 @@ students: cost depends on the architecture, not the weights.
 from __future__ import annotations
 
 import json
-import statistics
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -29,11 +27,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.config import BenchmarkConfig, Config
 from pipeline.models.controlled import Controlled
+from pipeline.models.mapping import TEACHER, convention_of
+from pipeline.timing import median_ms, sync
 
 
 
 def n_params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+    return 0 if model is None else sum(p.numel() for p in model.parameters())
 
 
 def weights_mb(model) -> float:
@@ -46,27 +46,21 @@ def count_flops(fn) -> int:
     return int(fc.get_total_flops())
 
 
-def latency_ms(fn, warmup: int, repeats: int) -> float:
+def latency_ms(fn, bc: BenchmarkConfig, device) -> float:
+    """Median ms of an inference call (pipeline.timing: the clock is read after the device finished)."""
     with torch.no_grad():
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+        return median_ms(fn, bc.warmup, bc.repeats, device)
 
 
 def peak_memory_mb(fn, device: torch.device) -> tuple[float | None, str]:
     """(peak MiB of one call beyond what was allocated before it, method)."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        sync(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         with torch.no_grad():
             fn()
-        torch.cuda.synchronize(device)
+        sync(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20, "torch.cuda.max_memory_allocated"
     from torch.profiler import ProfilerActivity, profile
 
@@ -108,8 +102,7 @@ def measure(ctrl: Controlled, x: dict, bc: BenchmarkConfig, device) -> dict:
     out = {"controlnet_params": n_params(ctrl.controlnet), "controlnet_layers": int(ctrl.controlnet.config.num_layers),
            "controlnet_weights_mb": weights_mb(ctrl.controlnet),
            "controlnet_flops": count_flops(cn_forward), "step_flops": count_flops(step),
-           "controlnet_ms": latency_ms(cn_forward, bc.warmup, bc.repeats),
-           "step_ms": latency_ms(step, bc.warmup, bc.repeats)}
+           "controlnet_ms": latency_ms(cn_forward, bc, device), "step_ms": latency_ms(step, bc, device)}
     out["controlnet_peak_mb"], _ = peak_memory_mb(cn_forward, device)
     out["step_peak_mb"], _ = peak_memory_mb(step, device)
     return out
@@ -128,14 +121,10 @@ def training_throughput(distill_metrics: Path) -> dict:
 
 def run_benchmark(cfg: Config, foundation: Path, models: dict[str, Path], distill_metrics: Path | None = None) -> dict:
     """``models``: name -> ControlNet folder; the teacher must be one of them, named ``teacher``."""
-    from diffusers import SD3ControlNetModel
-
-    from pipeline.distill.trainer import STUDENT_CONVENTION
-    from pipeline.foundation.teacher import TEACHER_CONVENTION
     from pipeline.models.student import controlnet_from_backbone
-    from pipeline.models.world import load_foundation
+    from pipeline.models.world import load_controlnet, load_foundation
 
-    if "teacher" not in models:
+    if TEACHER not in models:
         raise ValueError("benchmark: the models must include the teacher (the speedup reference)")
     bc = cfg.benchmark
     if bc.threads:
@@ -144,8 +133,8 @@ def run_benchmark(cfg: Config, foundation: Path, models: dict[str, Path], distil
     pipe = load_foundation(foundation)
     backbone = pipe.transformer.to(device)
     x = inputs(pipe, cfg, bc.batch_size, bc.timestep, device)
-    nets = {name: SD3ControlNetModel.from_pretrained(path) for name, path in models.items()}
-    trained_depths = {int(n.config.num_layers) for k, n in nets.items() if k != "teacher"}
+    nets = {name: load_controlnet(path) for name, path in models.items()}
+    trained_depths = {int(n.config.num_layers) for k, n in nets.items() if k != TEACHER}
     for n in bc.extra_layers:
         if n not in trained_depths:
             nets[f"layers_{n}"] = controlnet_from_backbone(backbone, n)
@@ -156,16 +145,15 @@ def run_benchmark(cfg: Config, foundation: Path, models: dict[str, Path], distil
                         pooled_projections=args[3], return_dict=False)
 
     # the baseline first, before any profiler has run in this process
-    base = {"params": n_params(backbone), "step_ms": latency_ms(backbone_step, bc.warmup, bc.repeats),
+    base = {"params": n_params(backbone), "step_ms": latency_ms(backbone_step, bc, device),
             "step_flops": count_flops(backbone_step)}
     base["step_peak_mb"], method = peak_memory_mb(backbone_step, device)
     per_model = {}
     for name, net in nets.items():
         net = net.to(device).eval().requires_grad_(False)
-        conv = TEACHER_CONVENTION if name == "teacher" else STUDENT_CONVENTION
-        per_model[name] = measure(Controlled(backbone, net, conv), x, bc, device)
+        per_model[name] = measure(Controlled(backbone, net, convention_of(name)), x, bc, device)
         print(name, {k: round(v, 3) if isinstance(v, float) else v for k, v in per_model[name].items()})
-    t = per_model["teacher"]
+    t = per_model[TEACHER]
     for m in per_model.values():
         m["controlnet_speedup"] = t["controlnet_ms"] / m["controlnet_ms"]
         m["controlnet_speedup_ideal"] = t["controlnet_flops"] / m["controlnet_flops"]

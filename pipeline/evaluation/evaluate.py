@@ -13,20 +13,21 @@ StableDiffusion3ControlNetInpaintingPipeline's conventions; tests/test_sampler.p
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pandas as pd
 import torch
-from diffusers import SD3ControlNetModel
 from PIL import Image
 
 from pipeline.config import Config, EvaluateConfig
 from pipeline.data.images import read_images, read_masks
+from pipeline.evaluation.benchmark import n_params
 from pipeline.evaluation.quality import agreement, optional_metrics, quality
 from pipeline.evaluation.sampler import inpaint_all
 from pipeline.models import inpaint
 from pipeline.models.mapping import TEACHER, convention_of
+from pipeline.runtime import runtime
+from pipeline.timing import stopwatch
 
 BACKBONE_ONLY = "backbone_only"
 
@@ -50,23 +51,12 @@ def load_pixels(df: pd.DataFrame, size: int) -> tuple[torch.Tensor, torch.Tensor
 # ---------------------------------------------------------------------------------------------- models
 
 
-def load_controlnet(path: str | Path | None) -> SD3ControlNetModel | None:
-    if path is None:
-        return None
-    if not (Path(path) / "config.json").exists():
-        raise FileNotFoundError(f"evaluate: no ControlNet at {path} (config.json missing)")
-    return SD3ControlNetModel.from_pretrained(path).eval().requires_grad_(False)
-
-
-def n_params(model) -> int:
-    return 0 if model is None else sum(p.numel() for p in model.parameters())
-
-
 def sample(cfg: Config, pipe, controlnet, name: str, images, masks, prompts) -> torch.Tensor:
     e = cfg.evaluate
     return inpaint_all(pipe, controlnet, convention_of(name), images, masks, prompts, batch_size=e.batch_size,
                        seed=e.seed, num_inference_steps=e.num_inference_steps, guidance_scale=e.guidance_scale,
-                       conditioning_scale=e.conditioning_scale, max_sequence_length=cfg.text.max_sequence_length)
+                       conditioning_scale=e.conditioning_scale, max_sequence_length=cfg.text.max_sequence_length,
+                       micro_batch=cfg.runtime.sample_batch_size)
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -90,21 +80,20 @@ def evaluate_models(cfg: Config, pipe, models: dict[str, str | Path | None], df:
     """Inpaint ``df`` (rows with image, mask, prompts) with each model; ``models``: name -> ControlNet
     folder, or None for the backbone alone. The teacher (when listed) is sampled first and is every other
     model's agreement reference. Returns (metrics per model, outputs per model, inputs)."""
-    ec = cfg.evaluate
+    ec, rt = cfg.evaluate, runtime(cfg)  # the ControlNets join ``pipe`` (loaded by rt.load_foundation)
     images, masks = load_pixels(df, cfg.data.image_size)
     hole = inpaint.binarise(masks)
     prompts = list(df[prompt])
     order = sorted(models, key=lambda n: n != TEACHER)
     outputs, metrics = {}, {}
     for name in order:
-        cn = load_controlnet(models[name])
-        t0 = time.perf_counter()
-        outputs[name] = sample(cfg, pipe, cn, name, images, masks, prompts)
-        seconds = time.perf_counter() - t0
+        cn = None if models[name] is None else rt.load_controlnet(models[name])
+        with stopwatch(rt.device) as t:
+            outputs[name] = sample(cfg, pipe, cn, name, images, masks, prompts)
         metrics[name] = score(name, outputs[name], images, hole, outputs.get(TEACHER), ec)
         metrics[name].update(controlnet_params=n_params(cn),
                              controlnet_layers=0 if cn is None else int(cn.config.num_layers),
-                             sampling_seconds=seconds)
+                             sampling_seconds=t.seconds)
     return metrics, outputs, {"images": images, "masks": hole}
 
 

@@ -33,7 +33,7 @@ def train_backbone(cfg: Config, scenes_dir: Path, vae_dir: Path, out: Path, chec
     vae = AutoencoderKL.from_pretrained(vae_dir).eval().requires_grad_(False)
     comps = build_text_components(cfg, df)
     torch.manual_seed(cfg.seed)
-    backbone = build_backbone(cfg)
+    backbone = build_backbone(cfg, vae)
     scheduler = build_scheduler(cfg)
     tp = text_pipeline({**comps, "transformer": backbone, "scheduler": scheduler, "vae": vae})
     embeds, pooled = encode_prompts(tp, list(df["global_prompt"]), cfg.text.max_sequence_length)

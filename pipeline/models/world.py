@@ -1,12 +1,17 @@
-"""The embedded tiny world: SD3-architecture components built from configs, with no downloads.
+"""The embedded tiny world: SD3-architecture components built from configs, with no downloads; and the
+one loader of a frozen foundation / ControlNet folder (the tiny world's or a materialised pretrained one).
 
 Same diffusers/transformers classes and folder layout as stabilityai/stable-diffusion-3-medium-diffusers
 (text_encoder_3 / tokenizer_3 = None, as SD3 allows) and alimama-creative/SD3-Controlnet-Inpainting.
+Latent channels: ``LATENT_CHANNELS`` is only the tiny VAE's constructor input; everything built or run
+after the VAE reads ``vae.config.latent_channels`` (or the transformer's ``in_channels``).
 """
 
 from __future__ import annotations
 
+import json
 import string
+from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -21,15 +26,7 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokeni
 
 from pipeline.config import Config
 
-LATENT_CHANNELS = 16  # SD3's latent channels
-
-
-def vae_scale(cfg: Config) -> int:
-    return 2 ** (len(cfg.vae.block_out_channels) - 1)
-
-
-def latent_size(cfg: Config) -> int:
-    return cfg.data.image_size // vae_scale(cfg)
+LATENT_CHANNELS = 16  # SD3's; the tiny VAE is built with it, the rest reads it from the VAE's config
 
 
 def build_vae(cfg: Config) -> AutoencoderKL:
@@ -99,36 +96,29 @@ def build_text_encoder(cfg: Config, tokenizer: CLIPTokenizer, seed: int) -> CLIP
     return CLIPTextModelWithProjection(config).eval().requires_grad_(False)
 
 
-def transformer_kwargs(cfg: Config) -> dict:
-    """Shared by backbone and ControlNets: the joint-attention width is the two CLIPs' hidden sizes side
-    by side (SD3 pads them to T5's width), pooled = the two projections concatenated."""
+def transformer_kwargs(cfg: Config, vae: AutoencoderKL) -> dict:
+    """The backbone's config: latent channels and size from the VAE it denoises for; the joint-attention
+    width is the two CLIPs' hidden sizes side by side (SD3 pads them to T5's width), pooled = the two
+    projections concatenated."""
     inner = cfg.backbone.num_attention_heads * cfg.backbone.attention_head_dim
-    lat = latent_size(cfg)
+    lat = cfg.data.image_size // 2 ** (len(vae.config.block_out_channels) - 1)  # SD3's vae_scale_factor
+    channels = vae.config.latent_channels
     return dict(
         sample_size=lat,
         patch_size=cfg.backbone.patch_size,
-        in_channels=LATENT_CHANNELS,
+        in_channels=channels,
         attention_head_dim=cfg.backbone.attention_head_dim,
         num_attention_heads=cfg.backbone.num_attention_heads,
         joint_attention_dim=2 * cfg.text.hidden_size,
         caption_projection_dim=inner,
         pooled_projection_dim=2 * cfg.text.projection_dim,
-        out_channels=LATENT_CHANNELS,
+        out_channels=channels,
         pos_embed_max_size=lat // cfg.backbone.patch_size,
     )
 
 
-def build_backbone(cfg: Config) -> SD3Transformer2DModel:
-    return SD3Transformer2DModel(num_layers=cfg.backbone.num_layers, **transformer_kwargs(cfg))
-
-
-def build_controlnet(cfg: Config, num_layers: int) -> SD3ControlNetModel:
-    return SD3ControlNetModel(
-        num_layers=num_layers,
-        extra_conditioning_channels=1,
-        force_zeros_for_pooled_projection=True,  # as the alimama teacher: the pipeline feeds zero pooled
-        **transformer_kwargs(cfg),
-    )
+def build_backbone(cfg: Config, vae: AutoencoderKL) -> SD3Transformer2DModel:
+    return SD3Transformer2DModel(num_layers=cfg.backbone.num_layers, **transformer_kwargs(cfg, vae))
 
 
 def build_scheduler(cfg: Config) -> FlowMatchEulerDiscreteScheduler:
@@ -161,21 +151,39 @@ def encode_prompts(text_pipe: StableDiffusion3Pipeline, prompts: list[str], max_
     return embeds, pooled
 
 
-def load_foundation(path, dtype=torch.float32, with_t5: bool | None = None) -> StableDiffusion3Pipeline:
-    """The frozen foundation as an SD3 pipeline. Models in eval mode, without grad.
+def _dtype(dtype: torch.dtype | str) -> torch.dtype:
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def load_foundation(path, dtype: torch.dtype | str = torch.float32, with_t5: bool | None = None, *,
+                    device: torch.device | str | None = None) -> StableDiffusion3Pipeline:
+    """The frozen foundation as an SD3 pipeline, in ``dtype`` on ``device``: models in eval mode without
+    grad, safetensors only, no remote code. Every stage loads it here, so a runtime policy (GPU, bf16) is
+    one argument.
 
     ``with_t5``: None = load T5 (text_encoder_3 / tokenizer_3) when the folder ships one (the pretrained SD3
     profile: encode, evaluation and gates then embed prompts as the stock pipeline does); False = never
     (training, which reads cached embeddings). The tiny world ships none."""
-    import json
-    from pathlib import Path
-
     index = json.loads((Path(path) / "model_index.json").read_text())
     has_t5 = bool((index.get("text_encoder_3") or [None])[0])
     kw = {} if (has_t5 and with_t5 is not False) else {"text_encoder_3": None, "tokenizer_3": None}
-    pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=dtype, **kw)
+    pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=_dtype(dtype), use_safetensors=True, **kw)
+    blocks = pipe.transformer.transformer_blocks
+    if not blocks[-1].context_pre_only or any(b.context_pre_only for b in blocks[:-1]):
+        # pipeline.models.mapping skips exactly SD3's last block; another layout would be mis-injected.
+        raise ValueError(f"{path}: only the last transformer block may be context_pre_only (SD3's layout)")
     for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
         if getattr(pipe, name, None) is not None:
             getattr(pipe, name).eval().requires_grad_(False)
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return pipe if device is None else pipe.to(device)
+
+
+def load_controlnet(path, dtype: torch.dtype | str = torch.float32, *,
+                    device: torch.device | str | None = None) -> SD3ControlNetModel:
+    """A frozen ControlNet (teacher or student) from its folder, in ``dtype`` on ``device``."""
+    if not (Path(path) / "config.json").exists():
+        raise FileNotFoundError(f"no ControlNet at {path} (config.json missing)")
+    cn = SD3ControlNetModel.from_pretrained(path, dtype=_dtype(dtype), use_safetensors=True)
+    cn = cn.eval().requires_grad_(False)
+    return cn if device is None else cn.to(device)
