@@ -156,12 +156,16 @@ def distill(cfg: Config, stage: Stage, *, foundation: Path, teacher: Path, encod
                 checkpoint_every=cfg.distill.checkpoint_every, keep_checkpoints=cfg.distill.keep_checkpoints,
                 live_dir=live, gradient_accumulation_steps=cfg.distill.gradient_accumulation_steps,
                 mixed_precision=cfg.distill.accelerate_precision, ema_decay=cfg.distill.ema_decay,
-                max_steps_this_run=max_steps_this_run, on_start=on_start,
-                optimizer=cfg.distill.optimizer, fingerprint=f"{cfg.seed}{cfg.scheduler}{cfg.distill}")
+                max_steps_this_run=max_steps_this_run, on_start=on_start, optimizer=cfg.distill.optimizer,
+                # What the loss reads beyond the Loop's own settings; not the other stage's params, nor
+                # checkpoint cadence or gradient checkpointing, which change no result.
+                fingerprint=json.dumps({"scheduler": cfg.scheduler.model_dump(mode="json"), "alpha": cfg.distill.alpha,
+                                        "stage": stage_cfg.model_dump(mode="json", exclude={"train"})}),
+                frozen={"backbone": backbone, **({"teacher": teacher_model} if loss.uses_teacher else {})})
     result = loop.run()
     metrics = {f"{stage}_train_seconds": result.seconds, f"{stage}_samples_per_s": result.samples_per_second,
                f"{stage}_steps": result.steps, **{f"{stage}_final_{k}": v for k, v in result.last.items()}}
-    if result.steps == stage_cfg.train.steps:
+    if result.steps == stage_cfg.train.steps and result.main:  # one writer when several processes train
         save_atomic(loop.model.eval(), out)
         write_model_card(out, cfg, stage, metrics, loss.pairs)
     return metrics

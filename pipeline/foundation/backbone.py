@@ -53,7 +53,8 @@ def train_backbone(cfg: Config, scenes_dir: Path, vae_dir: Path, out: Path, chec
         return {"loss": flow.flow_loss(pred, flow.target(s, x0), s.weighting)}
 
     loop = Loop("backbone", backbone, data, loss_fn, cfg.backbone.train, cfg.seed, checkpoints,
-                checkpoint_every=cfg.distill.checkpoint_every, keep_checkpoints=1, live_dir=live, fingerprint=f"{cfg.seed}{cfg.scheduler}{cfg.backbone.prompt_dropout}")
+                checkpoint_every=cfg.distill.checkpoint_every, keep_checkpoints=1, live_dir=live, fingerprint=f"{cfg.seed}{cfg.scheduler}{cfg.backbone.prompt_dropout}",
+                frozen={"vae": vae, **empty})
     result = loop.run()
     backbone = loop.model.eval().requires_grad_(False)
     pipe = StableDiffusion3Pipeline(transformer=backbone, scheduler=scheduler, vae=vae,

@@ -44,7 +44,8 @@ def train_teacher(cfg: Config, scenes_dir: Path, foundation_dir: Path, out: Path
 
     loop = Loop("teacher", teacher, data, loss_fn, cfg.teacher.train, cfg.seed, checkpoints,
                 checkpoint_every=cfg.distill.checkpoint_every, keep_checkpoints=1, live_dir=live, fingerprint=f"{cfg.seed}{cfg.scheduler}{cfg.teacher.prompt_dropout}",
-                on_start=lambda acc: pipe.transformer.to(acc.device))  # the frozen backbone follows the teacher
+                on_start=lambda acc: pipe.transformer.to(acc.device),  # the frozen backbone follows the teacher
+                frozen={"backbone": pipe.transformer, "vae": pipe.vae, **empty})
     result = loop.run()
     save_atomic(loop.model.eval(), out)
     return {"teacher_train_seconds": result.seconds, "teacher_final_loss": result.last.get("loss"),
