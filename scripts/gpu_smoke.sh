@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU smoke check, no network, ~5 minutes on one CUDA GPU (see pipeline/gpu_smoke.py):
+# GPU smoke check, no network, ~5 minutes on one CUDA GPU (see scripts/gpu_smoke.py):
 #   1. SD3-medium-shaped benchmark at 1024 px, bf16: ControlNet-only and full-step latency of the 23-layer
 #      teacher vs the 12-layer student, one distillation step (samples/s, peak memory);
 #   2. the smoke profile's DVC pipeline on the GPU with bf16 distillation.
@@ -13,4 +13,4 @@ if [[ -z "$PY" ]]; then
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DVC_IGNORE_ISATTY=1 TQDM_DISABLE=1 GX_ANALYTICS_ENABLED=false
 export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
-exec timeout "${GPU_SMOKE_TIMEOUT:-330}" "$PY" -m pipeline.gpu_smoke "$@"
+exec timeout "${GPU_SMOKE_TIMEOUT:-330}" "$PY" scripts/gpu_smoke.py "$@"

@@ -317,8 +317,11 @@ def test_gpu_smoke_dry_run_is_quick_and_clear():
 
 @pytest.mark.slow
 def test_gpu_smoke_benchmark_code_runs_tiny_on_cpu():
-    from pipeline import gpu_smoke
+    import importlib.util
 
+    spec = importlib.util.spec_from_file_location("gpu_smoke", ROOT / "scripts/gpu_smoke.py")
+    gpu_smoke = sys.modules["gpu_smoke"] = importlib.util.module_from_spec(spec)  # dataclasses look it up
+    spec.loader.exec_module(gpu_smoke)
     res = gpu_smoke.benchmark(gpu_smoke.tiny_shape(), device="cpu", dtype=torch.float32, batch=1, repeats=1)
     assert {"teacher_controlnet_ms", "student_controlnet_ms", "teacher_step_ms", "student_step_ms",
             "train_step_ms", "train_samples_per_s"} <= set(res)

@@ -1,13 +1,14 @@
-"""GPU smoke check (scripts/gpu_smoke.sh): no network, about 5 minutes on one CUDA GPU.
+"""GPU smoke check (run by scripts/gpu_smoke.sh): no network, about 5 minutes on one CUDA GPU.
 
 1. ``smoke``: the smoke profile's DVC pipeline in a fresh workspace, distillation in bf16, on the GPU
    (wall time per stage and the trainers' samples/s from metrics/distill/*.json).
 2. ``bench``: a randomly initialised SD3-medium-shaped backbone (24 blocks, 24 heads x 64,
    joint_attention_dim 4096, pooled 2048, caption_projection 1536), the 23-layer teacher and a 12-layer
    student at 1024 px (128x128 latents, 4096 image tokens + 77 CLIP + 256 T5 text tokens), bf16:
-   ControlNet-only and full-step (ControlNet + backbone) latency of teacher vs student, one
-   distillation training step (teacher + backbone forward, student + backbone forward/backward with
-   gradient checkpointing, AdamW), samples/s and peak memory.
+   ControlNet-only and full-step (ControlNet + backbone) latency of teacher vs student, and one stage-1
+   training step exactly as distillation runs it (pipeline.distill.trainer's student and DistillLoss
+   through pipeline.training.train_step, with the sd3 profile's precision, gradient checkpointing and
+   optimizer), samples/s and peak memory. Timings read the clock after the GPU finished (pipeline.timing).
 
 ``--dry-run`` (or no GPU): parameter counts and the memory plan from the real configs (meta tensors,
 no allocation), then exit 0 with a clear message. ``--tiny``: the benchmark code at toy size on CPU.
@@ -18,17 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the pipeline package, without an install
 
 # stabilityai/stable-diffusion-3-medium-diffusers transformer/config.json; alimama's ControlNet shares it.
 SD3_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, attention_head_dim=64, num_attention_heads=24,
@@ -51,7 +51,6 @@ class Shape:
     vae_scale: int = 8
     blocks: int = 24
     teacher_layers: int = 23
-    student_layers: int = 12
     text_tokens: int = 77 + 256
     extra: dict = field(default_factory=dict)
 
@@ -73,12 +72,10 @@ def tiny_shape() -> Shape:
 # ------------------------------------------------------------------------------------------ build
 
 
-def build(shape: Shape, device, dtype, seed: int = 0):
-    """(backbone, teacher, student), randomly initialised directly on ``device``; frozen ones in ``dtype``,
-    the student in float32 (master weights, as accelerate's mixed precision keeps them)."""
+def build(shape: Shape, device, seed: int = 0):
+    """(backbone, teacher): randomly initialised directly on ``device``, frozen, float32 (distillation's
+    ``place_frozen`` casts them)."""
     from diffusers import SD3ControlNetModel, SD3Transformer2DModel
-
-    from pipeline.models.student import controlnet_from_backbone
 
     torch.manual_seed(seed)
     with torch.device(device):
@@ -88,55 +85,52 @@ def build(shape: Shape, device, dtype, seed: int = 0):
         with torch.no_grad():  # zero projections would make the teacher a no-op
             for blk in teacher.controlnet_blocks:
                 blk.weight.normal_(0, 0.02)
-        student = controlnet_from_backbone(backbone, shape.student_layers)
-    backbone = backbone.to(dtype).eval().requires_grad_(False)
-    teacher = teacher.to(dtype).eval().requires_grad_(False)
-    return backbone, teacher, student.float()
+    return backbone.eval().requires_grad_(False), teacher.eval().requires_grad_(False)
 
 
-def inputs(shape: Shape, batch: int, device, dtype):
-    t = shape.transformer
+def inputs(shape: Shape, batch: int, device) -> dict:
+    """A stage-1 batch as DistillLoss reads it (pipeline.distill.trainer.batch_from), random values."""
+    from pipeline.models import inpaint
+
+    t, lat = shape.transformer, shape.latent
     g = torch.Generator(device="cpu").manual_seed(0)
 
-    def r(*s):
-        return torch.randn(*s, generator=g).to(device, dtype)
+    def r(*size):
+        return torch.randn(*size, generator=g).to(device)
 
-    lat = shape.latent
-    return dict(noisy=r(batch, 16, lat, lat), timesteps=torch.full((batch,), 500.0, device=device),
-                prompt_embeds=r(batch, shape.text_tokens, t["joint_attention_dim"]),
-                pooled=r(batch, t["pooled_projection_dim"]), control=r(batch, 17, lat, lat))
-
-
-def _sync(device):
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _time(fn, device, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+    mask = (torch.rand(batch, 1, lat, lat, generator=g) > 0.5).float().to(device)
+    return {"latents": r(batch, t["in_channels"], lat, lat), "mask": mask,
+            "control": inpaint.control_input(r(batch, t["in_channels"], lat, lat), mask),
+            "prompt_embeds": r(batch, shape.text_tokens, t["joint_attention_dim"]),
+            "pooled_prompt_embeds": r(batch, t["pooled_projection_dim"])}
 
 
 def benchmark(shape: Shape, device="cuda", dtype=torch.bfloat16, batch: int = 1, repeats: int = 5,
               train_batch: int | None = None) -> dict:
-    from pipeline.distill.losses import af_loss
+    """Latencies of teacher and student, then one stage-1 training step: the sd3 profile's params (loss
+    weights, precision ``dtype``, gradient checkpointing, optimizer, lr) through the trainer's own code."""
+    from accelerate import Accelerator
+
+    from pipeline.config import deep_merge, from_dict
+    from pipeline.distill.trainer import place_frozen, student_and_loss
     from pipeline.models.controlled import Controlled
-    from pipeline.models.mapping import af_pairs, skipped_blocks
+    from pipeline.models.mapping import STUDENT_CONVENTION, TEACHER_CONVENTION
+    from pipeline.profile import merged
+    from pipeline.timing import median_ms
+    from pipeline.training import make_optimizer, step_generator, train_step
 
     cuda = str(device).startswith("cuda")
-    backbone, teacher, student = build(shape, device, dtype)
-    t_ctrl = Controlled(backbone, teacher, "one_to_one")
-    s_ctrl = Controlled(backbone, student, "interval")
-    x = inputs(shape, batch, device, dtype)
-    args = (x["noisy"], x["timesteps"], x["prompt_embeds"], x["pooled"])
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+    cfg = from_dict(deep_merge(merged("sd3"), {"distill": {"mixed_precision": precision}}))
+    backbone, teacher = build(shape, device)
+    with torch.device(device):
+        student, loss_fn = student_and_loss(cfg, "stage1", backbone, teacher)
+    place_frozen(cfg, device, backbone, teacher)
+    t_ctrl = Controlled(backbone, teacher, TEACHER_CONVENTION)
+    s_ctrl = Controlled(backbone, student, STUDENT_CONVENTION)
+    x = inputs(shape, batch, device)
+    noisy, ts = x["latents"], torch.full((batch,), 500.0, device=device)
+    args = (noisy, ts, x["prompt_embeds"], x["pooled_prompt_embeds"])
     ac = torch.autocast(device_type="cuda" if cuda else "cpu", dtype=dtype, enabled=dtype != torch.float32)
     out = {"device": torch.cuda.get_device_name() if cuda else "cpu", "dtype": str(dtype).removeprefix("torch."),
            "image_size": shape.image_size, "latent": shape.latent, "batch": batch,
@@ -146,38 +140,30 @@ def benchmark(shape: Shape, device="cuda", dtype=torch.bfloat16, batch: int = 1,
 
     with torch.no_grad(), ac:
         for name, c in (("teacher", t_ctrl), ("student", s_ctrl)):
-            out[f"{name}_controlnet_ms"] = _time(lambda c=c: c.control(*args, x["control"]), device, repeats)
-            out[f"{name}_step_ms"] = _time(lambda c=c: c(*args, x["control"]), device, repeats)
-    out["backbone_only_step_ms"] = _time(lambda: torch.no_grad()(s_ctrl.denoise)(*args, None), device, repeats)
+            out[f"{name}_controlnet_ms"] = median_ms(lambda c=c: c.control(*args, x["control"]), 1, repeats, device)
+            out[f"{name}_step_ms"] = median_ms(lambda c=c: c(*args, x["control"]), 1, repeats, device)
+        out["backbone_only_step_ms"] = median_ms(lambda: s_ctrl.denoise(*args, None), 1, repeats, device)
     out["controlnet_speedup"] = out["teacher_controlnet_ms"] / out["student_controlnet_ms"]
     out["step_speedup"] = out["teacher_step_ms"] / out["student_step_ms"]
 
-    # One distillation step: teacher path without grad, student path with grad through the backbone.
+    # One stage-1 step as the trainer's Loop runs it: accelerate's autocast, DistillLoss, backward,
+    # clipping, the configured optimizer.
     tb = train_batch or batch
-    xt = inputs(shape, tb, device, dtype)
-    targs = (xt["noisy"], xt["timesteps"], xt["prompt_embeds"], xt["pooled"])
-    pairs = af_pairs(shape.blocks, shape.teacher_layers, shape.student_layers, "one_to_one", "interval",
-                     skipped_blocks(backbone))
-    student.train()
-    student.enable_gradient_checkpointing()
-    backbone.enable_gradient_checkpointing()
-    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-5)
+    batch_t = inputs(shape, tb, device)
+    stage = cfg.distill.stage1.train
+    acc = Accelerator(mixed_precision=cfg.distill.accelerate_precision, cpu=not cuda)
+    params = [p for p in student.parameters() if p.requires_grad]
+    model, opt = acc.prepare(student.train(), make_optimizer(cfg.distill.optimizer, params, stage.lr,
+                                                             stage.weight_decay))
+    step = iter(range(10**9))
 
-    def train_step():
-        with ac:
-            with torch.no_grad():
-                t_res = t_ctrl.control(*targs, xt["control"])
-                t_pred = t_ctrl.denoise(*targs, t_res)
-            s_res = s_ctrl.control(*targs, xt["control"])
-            s_pred = s_ctrl.denoise(*targs, s_res)
-            loss = (s_pred.float() - t_pred.float()).pow(2).mean() + af_loss(s_res, t_res, pairs)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def one_step():
+        train_step(acc, model, opt, params, loss_fn, batch_t, step_generator(cfg.seed, next(step), stream=2),
+                   stage.max_grad_norm)
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    out["train_step_ms"] = _time(train_step, device, max(1, repeats // 2))
+    out["train_step_ms"] = median_ms(one_step, 1, max(1, repeats // 2), device)
     out["train_batch"] = tb
     out["train_samples_per_s"] = tb / (out["train_step_ms"] / 1000)
     if cuda:
@@ -245,6 +231,7 @@ def smoke_run(timeout_s: int, keep: Path | None = None) -> dict:
     import yaml
 
     from pipeline.profile import make_workspace
+    from pipeline.timing import stopwatch
 
     ws = Path(keep or tempfile.mkdtemp(prefix="gpu-smoke-")) / "ws"
     make_workspace("smoke", ws)
@@ -253,11 +240,10 @@ def smoke_run(timeout_s: int, keep: Path | None = None) -> dict:
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "DVC_IGNORE_ISATTY": "1", "TQDM_DISABLE": "1", "GX_ANALYTICS_ENABLED": "false",
            "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ws)}
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=ws, env=env, capture_output=True,
-                          text=True, timeout=timeout_s)
-    wall = time.perf_counter() - t0
-    res = {"workspace": str(ws), "returncode": proc.returncode, "wall_s": round(wall, 1)}
+    with stopwatch() as wall:
+        proc = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=ws, env=env, capture_output=True,
+                              text=True, timeout=timeout_s)
+    res = {"workspace": str(ws), "returncode": proc.returncode, "wall_s": round(wall.seconds, 1)}
     if proc.returncode:
         res["log_tail"] = (proc.stdout + proc.stderr)[-3000:]
         return res
