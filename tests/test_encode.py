@@ -53,14 +53,16 @@ def test_two_shards_union_equals_unsharded(micro_world, manifest, tmp_path):
 
 def test_real_encode_output_passes_gate_and_broken_fails(micro_world, tmp_path):
     scenes = micro_world["scenes"] / "manifest.parquet"
-    report = encoded_gate(micro_world["encoded"], scenes, config().gates, out_dir=str(tmp_path / "g"))
+    report = encoded_gate(micro_world["encoded"], scenes, config().gates, out_dir=str(tmp_path / "g"),
+                          foundation=micro_world["foundation"])
     assert report["success"] and report["failed"] == 0
     # a manifest row that was never encoded: a count mismatch, named with its split
     m = pd.read_parquet(scenes)
     extra = m.iloc[[0]].assign(id="zz-not-encoded")
     pd.concat([m, extra]).to_parquet(tmp_path / "more.parquet", index=False)
     with pytest.raises(GateError, match="count_matches_manifest") as exc:
-        encoded_gate(micro_world["encoded"], tmp_path / "more.parquet", config().gates, out_dir=str(tmp_path / "g"))
+        encoded_gate(micro_world["encoded"], tmp_path / "more.parquet", config().gates, out_dir=str(tmp_path / "g"),
+                     foundation=micro_world["foundation"])
     assert f"'split': '{extra['split'].iloc[0]}'" in str(exc.value)
 
 

@@ -74,11 +74,29 @@ def _write_encoded(root, manifest, nan=False, channels=16, num_shards=2):
             write_shard(root / split, i, num_shards, part, t)
 
 
+def _vae_config(root, channels=16):
+    """A foundation folder as far as the gate reads it: vae/config.json."""
+    (root / "vae").mkdir(parents=True)
+    (root / "vae/config.json").write_text(json.dumps({"latent_channels": channels}))
+    return root
+
+
+def test_encoded_gate_takes_the_latent_channels_from_the_vae(data, tmp_path):
+    m = pd.read_parquet(data / "triplets/manifest.parquet")
+    _write_encoded(tmp_path / "enc", m, channels=4)
+    kw = dict(cfg=config().gates, out_dir=str(tmp_path / "g"))
+    assert encoded_gate(tmp_path / "enc", data / "triplets/manifest.parquet",
+                        foundation=_vae_config(tmp_path / "f4", 4), **kw)["success"]
+    with pytest.raises(GateError, match=r"not \(N,16,h,w\)"):
+        encoded_gate(tmp_path / "enc", data / "triplets/manifest.parquet", foundation=_vae_config(tmp_path / "f16"),
+                     **kw)
+
+
 def test_encoded_gate(data, tmp_path):
     m = pd.read_parquet(data / "triplets/manifest.parquet")
-    g, out = config().gates, str(tmp_path / "g")
+    g, out, vae = config().gates, str(tmp_path / "g"), _vae_config(tmp_path / "f")
     _write_encoded(tmp_path / "ok", m)
-    assert encoded_gate(tmp_path / "ok", data / "triplets/manifest.parquet", g, out_dir=out)["success"]
+    assert encoded_gate(tmp_path / "ok", data / "triplets/manifest.parquet", g, out_dir=out, foundation=vae)["success"]
     assert load_split(tmp_path / "ok", "val")[0] == sorted(m.loc[m["split"] == "val", "id"])
     _write_encoded(tmp_path / "bad", m, nan=True)
     # count mismatch: one id dropped from a shard's id file of `test`
@@ -91,7 +109,7 @@ def test_encoded_gate(data, tmp_path):
     t["mask"] = torch.ones(len(t["mask"]), 1, 8, 8)
     save_file(t, str(d / name))
     with pytest.raises(GateError) as exc:
-        encoded_gate(tmp_path / "bad", data / "triplets/manifest.parquet", g, out_dir=out)
+        encoded_gate(tmp_path / "bad", data / "triplets/manifest.parquet", g, out_dir=out, foundation=vae)
     msg = str(exc.value)
     assert "all_finite" in msg and "non-finite: ['latents']" in msg and "'split': 'val'" in msg
     assert "shard-00000-of-00002.safetensors" in msg
@@ -102,7 +120,7 @@ def test_encoded_gate(data, tmp_path):
 
 def test_encoded_gate_missing_split_and_stale_shards(data, tmp_path):
     m = pd.read_parquet(data / "triplets/manifest.parquet")
-    g, out = config().gates, str(tmp_path / "g")
+    g, out, vae = config().gates, str(tmp_path / "g"), _vae_config(tmp_path / "f")
     _write_encoded(tmp_path / "enc", m)
     for f in (tmp_path / "enc/val").iterdir():   # a split the manifest has, never encoded
         f.unlink()
@@ -110,7 +128,7 @@ def test_encoded_gate_missing_split_and_stale_shards(data, tmp_path):
     for f in (tmp_path / "other/test").iterdir():
         f.rename(tmp_path / "enc/test" / f.name)
     with pytest.raises(GateError) as exc:
-        encoded_gate(tmp_path / "enc", data / "triplets/manifest.parquet", g, out_dir=out)
+        encoded_gate(tmp_path / "enc", data / "triplets/manifest.parquet", g, out_dir=out, foundation=vae)
     msg = str(exc.value)
     assert "'split': 'val'" in msg and "'encoded_rows': 0" in msg
     assert "one_shard_count" in msg and "unique_ids" in msg

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from pathlib import Path
 
@@ -167,9 +168,15 @@ def inspect_shards(encoded: str | Path, manifest: pd.DataFrame, latent_channels:
     return pd.DataFrame(shard_rows), pd.DataFrame(split_rows)
 
 
+def latent_channels(foundation: str | Path) -> int:
+    """The channels the shards' latents must have: those of the VAE that encoded them, the foundation's
+    (``<foundation>/vae/config.json``), not a number of our own."""
+    return int(json.loads((Path(foundation) / "vae" / "config.json").read_text())["latent_channels"])
+
+
 def encoded_gate(encoded: str | Path, manifest: str | Path, cfg: GatesConfig,
-                 out_dir: str | Path = paths.GATES) -> dict:
-    shards, splits = inspect_shards(encoded, load_manifest(manifest, resolve=False), cfg.latent_channels)
+                 out_dir: str | Path = paths.GATES, foundation: str | Path = paths.BACKBONE) -> dict:
+    shards, splits = inspect_shards(encoded, load_manifest(manifest, resolve=False), latent_channels(foundation))
     checks = [
         Check("shards", "ExpectTableRowCountToBeBetween", {"min_value": 1}, "at least one shard"),
         Check("shards", "ExpectColumnValuesToBeInSet", {"column": "all_finite", "value_set": [True]}, "finite values"),
