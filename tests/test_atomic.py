@@ -108,7 +108,7 @@ def test_save_atomic_refuses_a_user_folder(tmp_path):
 
 
 def test_link_tree_writes_source_inside_and_refuses_a_user_folder(tmp_path):
-    from pipeline.models.pretrained import _link_tree
+    from pipeline.models.pretrained.materialise import _link_tree
 
     src = tmp_path / "src"
     src.mkdir()
