@@ -1,7 +1,8 @@
 """REFINE-CONTROL's tri-level loss: L = λ_task·L_task + λ_distill·L_distill + λ_af·L_af.
 
-- L_task: SD3's weighted flow-matching MSE (pipeline.models.flow.flow_loss) of the student-controlled backbone against the data target,
-  each latent pixel weighted α inside the hole and (1 - α) outside.
+- L_task: SD3's weighted flow-matching MSE (pipeline.models.flow.flow_loss, as the backbone and teacher
+  train) of the student-controlled backbone against the data target, each latent pixel weighted α inside
+  the hole and (1 - α) outside.
 - L_distill: MSE between the student- and teacher-controlled backbone outputs (same inputs).
 - L_af: Σ_j MSE(f^S_j, mean of the teacher layers that feed the same backbone blocks as j), the pairs
   given by pipeline.models.mapping.af_pairs. The paper writes ||2 f^S_j - (f^T_a + f^T_b)||², which is
