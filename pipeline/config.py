@@ -121,7 +121,7 @@ class QwenConfig(_Strict):
     overlay_color: tuple[int, int, int]
     overlay_alpha: float = Field(..., ge=0, le=1)
     dtype: Literal["float32", "bfloat16", "float16"]
-    device: str
+    device: str = Field(..., pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="resolved by pipeline/runtime.py")
     cache_dir: str
 
 
@@ -162,7 +162,8 @@ class WorldConfig(_Strict):
     link: Literal["symlink", "hardlink", "copy"] = Field(
         ..., description="how models/* are materialised from the resolved files (no effect on values)")
     dtype: Literal["bfloat16", "float16", "float32"] = Field(
-        ..., description="dtype the frozen pretrained models are loaded in on GPUs")
+        ..., description="dtype of the frozen models (VAE, text encoders, backbone, teacher) on an accelerator; "
+                         "runtime.cpu_dtype on the CPU (pipeline/runtime.py)")
 
     @model_validator(mode="after")
     def _check(self):
@@ -177,6 +178,19 @@ class WorldConfig(_Strict):
                         raise ValueError(f"world.{k}.revision: {rev!r} is not a commit sha "
                                          "(world.require_pinned is true)")
         return self
+
+
+class RuntimeConfig(_Strict):
+    """pipeline/runtime.py: where models run and in what micro-batches (every stage that runs a model)."""
+    device: str = Field(..., pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$",
+                        description="auto (the accelerator when present) | cpu | cuda[:i] | mps")
+    cpu_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        ..., description="frozen models' dtype on the CPU (world.dtype applies on accelerators)")
+    encode_batch_size: int = Field(..., ge=1, description="rows per VAE / text-encoder call in encode")
+    sample_batch_size: int = Field(..., ge=1, description="images per denoising loop in the sampler "
+                                                          "(memory only; evaluate.batch_size sets the noise seeds)")
+    vae_slicing: bool = Field(..., description="VAE one image at a time (same values, less memory)")
+    vae_tiling: bool = Field(..., description="VAE in tiles above its sample size (values change slightly)")
 
 
 class TextConfig(_Strict):
@@ -296,7 +310,15 @@ class EncodeBenchmarkConfig(_Strict):
     batch_size: int = Field(..., ge=1)
     repeats: int = Field(..., ge=1, description="alternating rounds; the median rate is reported")
     warmup_steps: int = Field(..., ge=0, description="untimed steps per arm before the rounds")
-    device: str = Field(..., description="auto (cuda when available) | cpu | cuda[:i]")
+
+
+class MemoryBenchmarkConfig(_Strict):
+    """pipeline/memory_benchmark.py: peak RSS of encode and stage-1 distillation at N and factor x N rows."""
+    rows: int = Field(..., ge=1, description="N (the labelled triplets repeated as needed)")
+    factor: int = Field(..., ge=2)
+    steps: int = Field(..., ge=1, description="stage-1 steps per run")
+    batch_size: int = Field(..., ge=1, description="stage-1 batch size")
+    max_ratio: float = Field(..., gt=1, description="the stage fails when peak RSS grows more than this")
 
 
 class BenchmarkConfig(_Strict):
@@ -372,6 +394,7 @@ class Config(_Strict):
     seed: int
     data: DataConfig
     world: WorldConfig
+    runtime: RuntimeConfig
     triplets: TripletsConfig
     caption: CaptionConfig
     gates: GatesConfig
@@ -383,6 +406,7 @@ class Config(_Strict):
     distill: DistillConfig
     evaluate: EvaluateConfig
     encode_benchmark: EncodeBenchmarkConfig
+    memory_benchmark: MemoryBenchmarkConfig
     flows: FlowSettings
     ablations: AblationConfig
     benchmark: BenchmarkConfig

@@ -73,8 +73,12 @@ _ABLATION_DISTILL = [
 _DISTILL_COMMON = ["seed", "scheduler", "distill.student_layers", "distill.alpha",
                    "distill.gradient_accumulation_steps", "distill.mixed_precision", "distill.gradient_checkpointing",
                    "distill.optimizer", "distill.ema_decay", "distill.checkpoint_every", "distill.keep_checkpoints"]
-_SAMPLING = ["data.image_size", "text.max_sequence_length", "evaluate"]
-_WORLD = ["seed", "data.image_size", "world", "distill.checkpoint_every"]
+# pipeline.runtime: where the models run and the frozen models' dtype (world.dtype on an accelerator)
+_RUNTIME = ["runtime.device", "runtime.cpu_dtype", "world.dtype"]
+_VAE_RUNTIME = ["runtime.vae_slicing", "runtime.vae_tiling"]
+_SAMPLING = ["data.image_size", "text.max_sequence_length", "evaluate", *_RUNTIME, *_VAE_RUNTIME,
+             "runtime.sample_batch_size"]
+_WORLD = ["seed", "data.image_size", "world", "distill.checkpoint_every", "runtime.device"]
 _ABLATE = dict(
     module="ablate", args="${item.variant} ${item.seed}",
     deps=[P.ENCODED, P.TRIPLETS, P.CAPTIONS, P.BACKBONE, P.TEACHER, P.TEACHER_PASSED],
@@ -101,29 +105,34 @@ STAGES = [
     Stage("backbone", "backbone", deps=[P.SCENES, P.VAE], params=[*_WORLD, "text", "scheduler", "backbone"],
           outs=_train_outs("backbone", P.BACKBONE), metrics=[P.FOUNDATION_METRICS / "backbone.json"]),
     Stage("teacher", "teacher", deps=[P.SCENES, P.BACKBONE],
-          params=[*_WORLD, "text.max_sequence_length", "scheduler", "teacher.num_layers", "teacher.prompt_dropout",
-                  "teacher.train"],
+          params=[*_WORLD, "runtime.cpu_dtype", "text.max_sequence_length", "scheduler", "teacher.num_layers",
+                  "teacher.prompt_dropout", "teacher.train"],
           outs=_train_outs("teacher", P.TEACHER), metrics=[P.FOUNDATION_METRICS / "teacher.json"]),
     Stage("validate_teacher", "validate_teacher", deps=[P.SCENES, P.BACKBONE, P.TEACHER],
           params=[*_SAMPLING, "teacher.gate_min_gain_db"],
           outs=[(P.TEACHER_PASSED, NOCACHE)], metrics=[P.GATES / "teacher.json"]),
     Stage("encode", "encode", deps=[P.TRIPLETS, P.CAPTIONS, P.BACKBONE, P.GATES / "triplets.json",
                                     P.GATES / "captions.json"],
-          params=["data.image_size", "text.max_sequence_length"], outs=[P.ENCODED], metrics=[P.ENCODE_METRICS]),
+          params=["data.image_size", "text.max_sequence_length", *_RUNTIME, *_VAE_RUNTIME, "runtime.encode_batch_size"],
+          outs=[P.ENCODED], metrics=[P.ENCODE_METRICS]),
     Stage("validate_encoded", "validate_encoded", deps=[P.ENCODED, P.TRIPLETS], params=["gates.latent_channels"],
           outs=[(P.GATES / "encoded.md", NOCACHE)], metrics=[P.GATES / "encoded.json"]),
     Stage("encode_benchmark", "encode_benchmark",
           deps=[P.ENCODED, P.BACKBONE, P.TEACHER, P.TRIPLETS, P.CAPTIONS],
           params=["seed", "data.image_size", "text.max_sequence_length", "scheduler", "distill.student_layers",
-                  "distill.alpha", "distill.stage1", "encode_benchmark"],
+                  "distill.alpha", "distill.stage1", "distill.mixed_precision", "distill.gradient_checkpointing",
+                  "distill.optimizer", *_RUNTIME, *_VAE_RUNTIME, "encode_benchmark"],
           metrics=[P.ENCODE_BENCHMARK_METRICS]),
+    Stage("memory_benchmark", "memory_benchmark", deps=[P.TRIPLETS, P.CAPTIONS, P.BACKBONE, P.TEACHER],
+          params=[*_DISTILL_COMMON, "distill.stage1", "data.image_size", "runtime", "world.dtype", "memory_benchmark"],
+          metrics=[P.MEMORY_BENCHMARK_METRICS]),
     Stage("distill_stage1", "distill", args="stage1",
           deps=[P.ENCODED, P.BACKBONE, P.TEACHER, P.TEACHER_PASSED, P.GATES / "encoded.json"],
-          params=[*_DISTILL_COMMON, "distill.stage1"],
+          params=[*_DISTILL_COMMON, *_RUNTIME, "distill.stage1"],
           outs=_train_outs("distill_stage1", P.STUDENT_STAGE1), metrics=[P.DISTILL_METRICS / "stage1.json"]),
     Stage("distill_stage2", "distill", args="stage2",
           deps=[P.ENCODED, P.BACKBONE, P.TEACHER, P.STUDENT_STAGE1],
-          params=[*_DISTILL_COMMON, "distill.stage2"],
+          params=[*_DISTILL_COMMON, *_RUNTIME, "distill.stage2"],
           outs=_train_outs("distill_stage2", P.STUDENT), metrics=[P.DISTILL_METRICS / "stage2.json"]),
     Stage("evaluate", "evaluate",
           deps=[P.TRIPLETS, P.CAPTIONS, P.BACKBONE, P.TEACHER, P.STUDENT_STAGE1, P.STUDENT],
@@ -131,7 +140,7 @@ STAGES = [
           metrics=[P.EVAL_METRICS / f"{m}.json" for m in ("teacher", "backbone_only", "student_stage1", "student")]),
     Stage("benchmark", "benchmark",
           deps=[P.BACKBONE, P.TEACHER, P.STUDENT, P.DISTILL_METRICS / "stage1.json", P.DISTILL_METRICS / "stage2.json"],
-          params=["text.max_sequence_length", "benchmark"], metrics=[P.BENCHMARK_METRICS]),
+          params=["text.max_sequence_length", *_RUNTIME, *_VAE_RUNTIME, "benchmark"], metrics=[P.BENCHMARK_METRICS]),
     # full vs from_scratch at every headline seed; every other variant at ablations.seeds
     Stage("ablate_headline", matrix={"variant": "${ablations.headline}", "seed": "${ablations.headline_seeds}"},
           **_ABLATE),

@@ -37,6 +37,7 @@ ABLATION_METRICS = METRICS / "ablations"  # <variant>-s<seed>.json
 TRIPLETS_METRICS = METRICS / "triplets.json"
 ENCODE_METRICS = METRICS / "encode.json"
 ENCODE_BENCHMARK_METRICS = METRICS / "encode_benchmark.json"
+MEMORY_BENCHMARK_METRICS = METRICS / "memory_benchmark.json"
 BENCHMARK_METRICS = METRICS / "benchmark.json"
 REPORT_METRICS = METRICS / "report.json"
 HEADLINE_METRICS = METRICS / "headline.json"     # the only DVC metrics file: what `dvc exp show` lists

@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 from accelerate import Accelerator
@@ -92,13 +92,45 @@ class LoopResult:
     main: bool = True  # this is the main process: the only one that should write outputs
 
 
+class Data(Protocol):
+    """Training rows as Loop reads them: a batch is gathered per micro-batch (so a dataset on disk need not
+    fit in memory), and ``digest`` names the data in the checkpoint key."""
+
+    def __len__(self) -> int: ...
+    def batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor]: ...
+    def digest(self) -> str: ...
+
+
+class TensorData:
+    """Rows of in-memory tensors (the tiny world's foundation stages)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        lengths = {k: len(v) for k, v in tensors.items()}
+        if len(set(lengths.values())) != 1:
+            raise ValueError(f"training tensors differ in length: {lengths}")
+        self.tensors, self.n = tensors, next(iter(lengths.values()))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {k: v[idx] for k, v in self.tensors.items()}
+
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for name, t in sorted(self.tensors.items()):
+            _hash_tensor(h, f"data/{name}", t)
+        return h.hexdigest()
+
+
 @dataclass
 class Loop:
-    """``loss_fn(model, batch, generator) -> {"loss": total, <term>: value, ...}``."""
+    """``loss_fn(model, batch, generator) -> {"loss": total, <term>: value, ...}``. ``data``: a dict of
+    tensors or any ``Data`` (pipeline.distill.trainer reads encoded shards lazily)."""
 
     name: str
     model: torch.nn.Module
-    data: dict[str, torch.Tensor]
+    data: dict[str, torch.Tensor] | Data
     loss_fn: Callable[[torch.nn.Module, dict, torch.Generator], dict[str, torch.Tensor]]
     train: TrainLoop
     seed: int
@@ -117,15 +149,25 @@ class Loop:
     optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes)
     # Models (or tensors) the loss reads but does not train (teacher, backbone, VAE): part of the key.
     frozen: dict[str, torch.nn.Module | torch.Tensor] = field(default_factory=dict)
+    # The runtime policy's device (pipeline.runtime): "cpu" trains on the CPU; otherwise accelerate places
+    # each process on its accelerator (cuda:i is honoured by a single process).
+    device: torch.device | str = "auto"
+
+    def __post_init__(self):
+        if isinstance(self.data, dict):
+            self.data = TensorData(self.data)
 
     def run(self) -> LoopResult:
         die_with_parent()
+        device = torch.device("cpu") if str(self.device) == "cpu" else None
+        if device is None and str(self.device) != "auto" and "WORLD_SIZE" not in os.environ:
+            os.environ.setdefault("ACCELERATE_TORCH_DEVICE", str(self.device))  # accelerate's device override
         acc = Accelerator(
             gradient_accumulation_steps=self.gradient_accumulation_steps,
             mixed_precision=self.mixed_precision,
-            cpu=not torch.cuda.is_available(),
+            cpu=device is not None,
         )
-        n, accum, procs = _length(self.data), self.gradient_accumulation_steps, acc.num_processes
+        n, accum, procs = len(self.data), self.gradient_accumulation_steps, acc.num_processes
         micro = self.train.batch_size // procs
         if micro < 1 or self.train.batch_size % procs:
             raise ValueError(f"{self.name}: batch_size {self.train.batch_size} does not split over "
@@ -169,7 +211,7 @@ class Loop:
             for k in range(accum):
                 j = k * procs + acc.process_index  # this micro-batch's place in the step's global batch
                 idx = order[j * micro:(j + 1) * micro]
-                batch = {name: v[idx].to(acc.device) for name, v in self.data.items()}
+                batch = {name: v.to(acc.device) for name, v in self.data.batch(idx).items()}
                 gen = step_generator(self.seed, step, stream=2 + j)
                 try:
                     terms = train_step(acc, model, opt, params, self.loss_fn, batch, gen, self.train.max_grad_norm,
@@ -214,7 +256,8 @@ class Loop:
                         accum=self.gradient_accumulation_steps, precision=self.mixed_precision,
                         ema=self.ema_decay, optimizer=self.optimizer)
         h.update(json.dumps(settings, sort_keys=True).encode())
-        groups = {"data": self.data, "init": self.model.state_dict()}
+        h.update(f"data|{self.data.digest()}|".encode())
+        groups = {"init": self.model.state_dict()}
         for name, m in self.frozen.items():
             groups[f"frozen.{name}"] = m.state_dict() if isinstance(m, torch.nn.Module) else {"": m}
         for group in sorted(groups):
@@ -232,7 +275,7 @@ class Loop:
         if not named:
             return
         self.model.to(acc.device)
-        batch = {k: v[:1].to(acc.device) for k, v in self.data.items()}
+        batch = {k: v.to(acc.device) for k, v in self.data.batch(torch.arange(1)).items()}
         with acc.autocast():
             loss = self.loss_fn(self.model, batch, step_generator(self.seed, 0, stream=1))["loss"]
         grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
@@ -275,13 +318,6 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.o
                                "a CUDA GPU); or set distill.optimizer: adamw") from None
         return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}; known: adamw, adamw8bit")
-
-
-def _length(data: dict[str, torch.Tensor]) -> int:
-    lengths = {k: len(v) for k, v in data.items()}
-    if len(set(lengths.values())) != 1:
-        raise ValueError(f"training tensors differ in length: {lengths}")
-    return next(iter(lengths.values()))
 
 
 def _hash_tensor(h, name: str, t: torch.Tensor, chunk_bytes: int = 64 << 20) -> None:

@@ -8,7 +8,7 @@ from pipeline.config import load
 from pipeline.data.encode import encode_dataset, joined
 from pipeline.data.triplets import parse_shard
 from pipeline.metrics_io import write_json
-from pipeline.models.world import load_foundation
+from pipeline.runtime import runtime
 
 
 def main(argv=None) -> None:
@@ -21,9 +21,11 @@ def main(argv=None) -> None:
     i, n = parse_shard(args.shard)
     if n == 1:
         shutil.rmtree(args.out, ignore_errors=True)  # a full run replaces every shard
-    pipe = load_foundation(paths.BACKBONE)
+    rt = runtime(cfg)
+    pipe = rt.load_foundation(paths.BACKBONE)
     df = joined(paths.TRIPLETS, paths.CAPTIONS)
-    counts = encode_dataset(pipe, df, args.out, cfg.data.image_size, cfg.text.max_sequence_length, (i, n))
+    counts = encode_dataset(pipe, df, args.out, cfg.data.image_size, cfg.text.max_sequence_length, (i, n),
+                            batch=rt.encode_batch_size)
     if i == 0:
         # the rows of the whole dataset, as an unsharded run writes them (the union of the N shards holds
         # exactly these; validate_encoded checks it). One shard writes it, so parallel shards never race.

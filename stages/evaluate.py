@@ -11,7 +11,7 @@ from pipeline.config import load
 from pipeline.data.encode import joined
 from pipeline.evaluation.evaluate import BACKBONE_ONLY, TEACHER, evaluate_models, save_samples, test_rows
 from pipeline.metrics_io import write_json
-from pipeline.models.world import load_foundation
+from pipeline.runtime import runtime
 
 MODELS = {TEACHER: paths.TEACHER, BACKBONE_ONLY: None, "student_stage1": paths.STUDENT_STAGE1,
           "student": paths.STUDENT}
@@ -22,7 +22,7 @@ def main(argv=None) -> None:
     ap.add_argument("--params", default="params.yaml")
     cfg = load(ap.parse_args(argv).params)
     df = test_rows(joined(paths.TRIPLETS, paths.CAPTIONS), cfg.evaluate.num_images)
-    metrics, outputs, inputs = evaluate_models(cfg, load_foundation(paths.BACKBONE), MODELS, df)
+    metrics, outputs, inputs = evaluate_models(cfg, runtime(cfg).load_foundation(paths.BACKBONE), MODELS, df)
     for name, m in metrics.items():
         write_json(paths.EVAL_METRICS / f"{name}.json", m)
         print(name, {k: round(v, 4) if isinstance(v, float) else v for k, v in m.items() if k != "not_computed"})

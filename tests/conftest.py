@@ -30,6 +30,8 @@ MICRO = {
                 "stage1": {"train": {"steps": 4, "batch_size": 4, "lr": 1e-3}},
                 "stage2": {"train": {"steps": 2, "batch_size": 4, "lr": 1e-3}, "loss": {"task": 0.0}}},
     "evaluate": {"num_images": 4, "num_inference_steps": 2, "batch_size": 4},
+    # params are validated with every ablation variant merged in: the depth variants must fit 6 blocks
+    "ablations": {"variants": {v: {"overrides": {"distill": {"student_layers": 3}}} for v in ("layers_10", "layers_15")}},
 }
 
 

@@ -78,7 +78,7 @@ def test_stage2_batches_carry_no_target(micro_world, monkeypatch):
     monkeypatch.setattr(flow, "target", lambda *a, **k: pytest.fail("stage 2 computed a target"))
     monkeypatch.setattr(trainer_mod, "labelled_batch", lambda *a, **k: pytest.fail("stage 2 built a labelled batch"))
     data = stage_data(micro_world["encoded"], "stage2", "local")
-    batch = {k: v[:2] for k, v in data.items()}
+    batch = data.batch(torch.arange(2))
     terms = loss(student, batch, torch.Generator().manual_seed(0))
     assert set(terms) == {"distill", "af", "loss"}
     assert float(terms["af"]) > 0  # the teacher's residuals are non-zero, the fresh student's are zero

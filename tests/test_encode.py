@@ -68,7 +68,7 @@ def test_real_encode_output_passes_gate_and_broken_fails(micro_world, tmp_path):
 
 def test_encode_benchmark_micro(micro_world, manifest, tmp_path):
     cfg = micro_world["cfg"]
-    bcfg = config({"encode_benchmark": dict(steps=1, batch_size=2, repeats=2, warmup_steps=1, device="cpu")}).encode_benchmark
+    bcfg = config({"encode_benchmark": dict(steps=1, batch_size=2, repeats=2, warmup_steps=1)}).encode_benchmark
     m = run_benchmark(cfg, bcfg, foundation=micro_world["foundation"], teacher=micro_world["teacher"],
                       encoded=micro_world["encoded"], triplets=None, captions=None, rows=manifest)
     write_json(tmp_path / "encode_benchmark.json", m)

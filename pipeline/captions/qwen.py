@@ -82,13 +82,16 @@ class QwenCaptioner:
         import torch
         from transformers import Qwen2_5_VLForConditionalGeneration
 
+        from pipeline.runtime import resolve_device
+
         self.cfg = cfg
         self.torch = torch
+        self.device = resolve_device(cfg.device)  # the one device policy; the VLM keeps its own keys
         dtype = getattr(torch, cfg.dtype)
         self.processor = load_processor(cfg.model, cfg.revision)
         self.processor.tokenizer.padding_side = "left"  # batched generation
         self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            cfg.model, revision=cfg.revision, dtype=dtype, trust_remote_code=False).to(cfg.device).eval()
+            cfg.model, revision=cfg.revision, dtype=dtype, trust_remote_code=False).to(self.device).eval()
         self.template = {k: getattr(cfg, k) for k in
                          ("local_template", "global_template", "max_new_tokens", "vlm_image_size",
                           "crop_padding", "overlay_color", "overlay_alpha", "revision")}
@@ -97,7 +100,7 @@ class QwenCaptioner:
         texts = [self.processor.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
                  for c in conversations]
         flat = [im for ims in images for im in ims]
-        inputs = self.processor(text=texts, images=flat, padding=True, return_tensors="pt").to(self.cfg.device)
+        inputs = self.processor(text=texts, images=flat, padding=True, return_tensors="pt").to(self.device)
         with self.torch.no_grad():
             out = self.model.generate(**inputs, max_new_tokens=self.cfg.max_new_tokens, do_sample=False)
         new = out[:, inputs["input_ids"].shape[1]:]

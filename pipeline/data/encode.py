@@ -1,5 +1,8 @@
 """The encode stage: triplets + captions -> safetensors shards of latents and prompt embeddings, so that
-training never runs the VAE or the text encoders per step (pipeline.data.shards has the format)."""
+training never runs the VAE or the text encoders per step (pipeline.data.shards has the format).
+
+Memory is one micro-batch (runtime.encode_batch_size rows: their PNGs, activations and tensors), whatever
+the split's size: each micro-batch is encoded on the models' device and written into its shard at once."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.data.images import load_manifest, read_images, read_masks
-from pipeline.data.shards import write_shard
+from pipeline.data.shards import write_shard_stream
 from pipeline.models import inpaint
 from pipeline.models.world import encode_prompts
 
@@ -51,15 +54,16 @@ def encode_rows(pipe, df: pd.DataFrame, image_size: int, max_sequence_length: in
 
 def encode_dataset(pipe, df: pd.DataFrame, out: Path, image_size: int, max_sequence_length: int,
                    shard: tuple[int, int] = (0, 1), batch: int = 256) -> dict[str, int]:
+    """Encode shard ``shard`` = (i, N) of every split, ``batch`` rows per model call (the stage passes
+    runtime.encode_batch_size), each micro-batch written into the split's shard file as it comes."""
     index, count = shard
     counts = {}
     for split, part in df.groupby("split"):
         rows = shard_rows(part, index, count)
-        chunks = [{k: v.cpu() for k, v in encode_rows(pipe, rows.iloc[i:i + batch], image_size,
-                                                        max_sequence_length).items()}
-                  for i in tqdm(range(0, len(rows), batch), desc=f"encode {split}", leave=False)]
-        tensors = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]} if chunks else {}
-        if tensors:
-            write_shard(Path(out) / split, index, count, list(rows["id"]), tensors)
+        if len(rows):
+            chunks = ({k: v.cpu() for k, v in encode_rows(pipe, rows.iloc[i:i + batch], image_size,
+                                                            max_sequence_length).items()}
+                      for i in tqdm(range(0, len(rows), batch), desc=f"encode {split}", leave=False))
+            write_shard_stream(Path(out) / split, index, count, list(rows["id"]), chunks)
         counts[split] = len(rows)
     return counts

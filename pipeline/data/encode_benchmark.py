@@ -5,7 +5,8 @@ pipeline.training.train_step, as the trainer's Loop runs it: autocast, backward,
 optimizer; the frozen models placed as in training) on the same batch indices; they differ only in where
 the batch comes from:
 
-* ``cached``: rows of the loaded encoded shards (pipeline.data.shards.load_split), as training reads them;
+* ``cached``: rows read from the encoded shards per batch (pipeline.distill.trainer.StageData), as training
+  reads them;
 * ``on_the_fly``: the same rows' PNGs read and encoded per step (pipeline.data.encode.encode_rows: VAE
   of the image and of the masked image, the text encoders on the local and global prompts).
 
@@ -24,9 +25,8 @@ from accelerate import Accelerator
 
 from pipeline.config import Config, EncodeBenchmarkConfig
 from pipeline.data.encode import encode_rows, joined
-from pipeline.data.shards import load_split
-from pipeline.distill.trainer import SPLIT_OF, batch_from, place_frozen, student_and_loss
-from pipeline.models.world import load_controlnet, load_foundation
+from pipeline.distill.trainer import SPLIT_OF, batch_from, place_frozen, stage_data, student_and_loss
+from pipeline.runtime import runtime
 from pipeline.timing import stopwatch
 from pipeline.training import batch_indices, make_optimizer, step_generator, train_step
 
@@ -39,15 +39,14 @@ def run_benchmark(cfg: Config, bcfg: EncodeBenchmarkConfig, *, foundation: Path,
     stage = "stage1"
     split = SPLIT_OF[stage]
     stage_cfg = cfg.distill.stage1
-    auto = "cuda" if torch.cuda.is_available() else "cpu"
-    want = torch.device(auto if bcfg.device == "auto" else bcfg.device)
-    if want.type == "cuda" and want.index is not None:
-        torch.cuda.set_device(want)  # accelerate trains on the current CUDA device
-    acc = Accelerator(mixed_precision=cfg.distill.accelerate_precision, cpu=want.type != "cuda")
+    rt = runtime(cfg)  # device and the frozen models' dtype; T5 included: the on-the-fly arm embeds prompts
+    if rt.device.type == "cuda" and rt.device.index is not None:
+        torch.cuda.set_device(rt.device)  # accelerate trains on the current CUDA device
+    acc = Accelerator(mixed_precision=cfg.distill.accelerate_precision, cpu=rt.device.type == "cpu")
     device = acc.device
-    pipe = load_foundation(foundation, device=device)  # its VAE and text encoders serve the on-the-fly arm
+    pipe = rt.load_foundation(foundation)  # its VAE and text encoders serve the on-the-fly arm
     backbone = pipe.transformer
-    teacher_model = load_controlnet(teacher, device=device)
+    teacher_model = rt.load_controlnet(teacher)
     student, loss_fn = student_and_loss(cfg, stage, backbone, teacher_model)
     place_frozen(cfg, device, backbone, teacher_model)
     params = [p for p in student.parameters() if p.requires_grad]
@@ -56,14 +55,14 @@ def run_benchmark(cfg: Config, bcfg: EncodeBenchmarkConfig, *, foundation: Path,
     model.train()
 
     with stopwatch() as load:
-        ids, cached = load_split(encoded, split)
+        cached = stage_data(encoded, stage, stage_cfg.prompt)
     df = joined(triplets, captions) if rows is None else rows
-    df = df[df["split"] == split].set_index("id").loc[ids].reset_index()  # the shards' row order
-    n = len(ids)
+    df = df[df["split"] == split].set_index("id").loc[cached.split.ids].reset_index()  # the shards' row order
+    n = len(cached)
     encode_seconds: list[float] = []
 
     def cached_batch(idx):
-        return batch_from({k: v[idx].to(device) for k, v in cached.items()}, stage_cfg.prompt)
+        return {k: v.to(device) for k, v in cached.batch(idx).items()}
 
     def on_the_fly_batch(idx):
         with stopwatch(device) as t:
@@ -105,7 +104,7 @@ def run_benchmark(cfg: Config, bcfg: EncodeBenchmarkConfig, *, foundation: Path,
         "cached_samples_per_s_rounds": rates["cached"],
         "on_the_fly_samples_per_s_rounds": rates["on_the_fly"],
         "on_the_fly_encode_seconds_per_step": encode_per_step,
-        "shard_load_seconds": load.seconds,
+        "shard_open_seconds": load.seconds,  # the split's index; rows are read per batch (in the timings)
         "split": split,
         "rows": n,
         "image_size": cfg.data.image_size,

@@ -62,7 +62,7 @@ def run_ablation(cfg: Config, variant: str, seed: int, *, foundation: Path, teac
     from pipeline.distill.trainer import distill
     from pipeline.evaluation.evaluate import evaluate_models
     from pipeline.models.mapping import TEACHER
-    from pipeline.models.world import load_foundation
+    from pipeline.runtime import runtime
 
     vcfg, two_stage = variant_config(cfg, variant, seed)
     work_dir, out_dir = Path(work_dir), Path(out_dir)
@@ -73,7 +73,8 @@ def run_ablation(cfg: Config, variant: str, seed: int, *, foundation: Path, teac
     if two_stage:
         metrics.update(distill(vcfg, "stage2", out=out_dir, checkpoints=work_dir / "ck2", init=s1_out, **kw))
     shutil.rmtree(work_dir, ignore_errors=True)
-    ev, _, _ = evaluate_models(vcfg, load_foundation(foundation), {TEACHER: teacher, variant: out_dir}, df)
+    pipe = runtime(vcfg).load_foundation(foundation)
+    ev, _, _ = evaluate_models(vcfg, pipe, {TEACHER: teacher, variant: out_dir}, df)
     train_seconds = sum(v for k, v in metrics.items() if k.endswith("_train_seconds"))
     return {**ev[variant], **metrics, "seed": seed, "two_stage": int(two_stage),
             "total_steps": vcfg.distill.stage1.train.steps + (vcfg.distill.stage2.train.steps if two_stage else 0),

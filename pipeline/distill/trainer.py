@@ -15,13 +15,14 @@ import torch
 from diffusers import SD3ControlNetModel
 
 from pipeline.config import Config, StageConfig
-from pipeline.data.shards import load_split
+from pipeline.data.shards import EncodedSplit
 from pipeline.distill.losses import af_loss, check_weights, distill_loss, task_loss
 from pipeline.models import flow, inpaint
 from pipeline.models.controlled import Controlled
 from pipeline.models.mapping import STUDENT_CONVENTION, TEACHER_CONVENTION, af_pairs, skipped_blocks, unused_layers
 from pipeline.models.student import controlnet_from_backbone
 from pipeline.models.world import load_controlnet, load_foundation
+from pipeline.runtime import dtype_for, runtime
 from pipeline.training import Loop, save_atomic
 
 Stage = Literal["stage1", "stage2"]
@@ -43,16 +44,34 @@ def batch_from(t: dict[str, torch.Tensor], prompt: str) -> dict[str, torch.Tenso
             "pooled_prompt_embeds": t[f"{p}pooled_prompt_embeds"]}
 
 
-def stage_data(encoded_dir: Path, stage: Stage, prompt: str) -> dict[str, torch.Tensor]:
-    """The tensors a stage trains on: its split (SPLIT_OF). Stage 2 gets the image latents only to noise them."""
-    _, t = load_split(encoded_dir, SPLIT_OF[stage], shard_keys(prompt))
-    return batch_from(t, prompt)
+class StageData:
+    """The rows a stage trains on (its split, SPLIT_OF), read from the encoded shards one batch at a time
+    (pipeline.training.Data): memory holds a batch, not the split. Row i is the i-th id in sorted order, so
+    pipeline.training.batch_indices draws the same rows whatever the number of shards. Stage 2 gets the
+    image latents only to noise them."""
+
+    def __init__(self, encoded_dir: Path, stage: Stage, prompt: str):
+        self.prompt = prompt
+        self.split = EncodedSplit(encoded_dir, SPLIT_OF[stage], shard_keys(prompt))
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def batch(self, idx) -> dict[str, torch.Tensor]:
+        return batch_from(self.split.gather(idx), self.prompt)
+
+    def digest(self) -> str:
+        return self.split.digest()
+
+
+def stage_data(encoded_dir: Path, stage: Stage, prompt: str) -> StageData:
+    return StageData(encoded_dir, stage, prompt)
 
 
 def place_frozen(cfg: Config, device, *models: torch.nn.Module) -> None:
-    """Move the frozen backbone and teacher to the student's device, in the autocast dtype of
-    ``distill.mixed_precision`` (they take no gradient, so they need no float32 master weights)."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.distill.mixed_precision, torch.float32)
+    """Move the frozen backbone and teacher to the student's device, in the runtime policy's dtype there
+    (pipeline.runtime: world.dtype on an accelerator, runtime.cpu_dtype on the CPU)."""
+    dtype = dtype_for(cfg, torch.device(device))
     for m in models:
         m.to(device, dtype)
 
@@ -121,10 +140,12 @@ class DistillLoss:
 
 
 def build_student(cfg: Config, backbone, init: Path | None) -> SD3ControlNetModel:
+    """The trainable student, in float32 whatever the frozen models' dtype (the optimizer's weights;
+    distill.mixed_precision decides the compute dtype)."""
     if init is None:
         torch.manual_seed(cfg.seed)
-        return controlnet_from_backbone(backbone, cfg.distill.student_layers)
-    return SD3ControlNetModel.from_pretrained(init)
+        return controlnet_from_backbone(backbone, cfg.distill.student_layers).float()
+    return SD3ControlNetModel.from_pretrained(init, torch_dtype=torch.float32)
 
 
 def student_and_loss(cfg: Config, stage: Stage, backbone, teacher, init: Path | None = None):
@@ -143,9 +164,12 @@ def distill(cfg: Config, stage: Stage, *, foundation: Path, teacher: Path, encod
             checkpoints: Path, live: Path | None, init: Path | None = None,
             max_steps_this_run: int | None = None) -> dict:
     stage_cfg: StageConfig = getattr(cfg.distill, stage)
-    pipe = load_foundation(foundation, with_t5=False)  # prompts come embedded from the encode stage
+    rt = runtime(cfg)
+    # Loaded on the CPU in the policy's dtype; Loop's on_start moves them to accelerate's device (one GPU per
+    # process under `accelerate launch`). No T5: prompts come embedded from the encode stage.
+    pipe = load_foundation(foundation, rt.dtype, with_t5=False)
     backbone = pipe.transformer
-    teacher_model = load_controlnet(teacher)
+    teacher_model = load_controlnet(teacher, rt.dtype)
     student, loss = student_and_loss(cfg, stage, backbone, teacher_model, init)
     data = stage_data(encoded, stage, stage_cfg.prompt)
 
@@ -157,6 +181,7 @@ def distill(cfg: Config, stage: Stage, *, foundation: Path, teacher: Path, encod
                 live_dir=live, gradient_accumulation_steps=cfg.distill.gradient_accumulation_steps,
                 mixed_precision=cfg.distill.accelerate_precision, ema_decay=cfg.distill.ema_decay,
                 max_steps_this_run=max_steps_this_run, on_start=on_start, optimizer=cfg.distill.optimizer,
+                device=rt.device,
                 # What the loss reads beyond the Loop's own settings; not the other stage's params, nor
                 # checkpoint cadence or gradient checkpointing, which change no result.
                 fingerprint=json.dumps({"scheduler": cfg.scheduler.model_dump(mode="json"), "alpha": cfg.distill.alpha,

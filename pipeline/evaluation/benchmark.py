@@ -78,16 +78,18 @@ def peak_memory_mb(fn, device: torch.device) -> tuple[float | None, str]:
 
 
 def inputs(pipe, cfg: Config, batch: int, timestep: float, device) -> dict:
+    """Inputs on ``device`` in the backbone's dtype (drawn on the CPU, so they do not depend on the device)."""
     from pipeline.models.world import encode_prompts
 
     g = torch.Generator().manual_seed(0)
-    t = pipe.transformer.config
+    t, dt = pipe.transformer.config, pipe.transformer.dtype
     h = w = t.sample_size
-    embeds, pooled = encode_prompts(pipe, ["a red circle on a plain background"] * batch, cfg.text.max_sequence_length)
-    return {"noisy": torch.randn(batch, t.in_channels, h, w, generator=g).to(device),
+    embeds, pooled = encode_prompts(pipe, ["a red circle on a plain background"] * batch, cfg.text.max_sequence_length,
+                                    device)
+    return {"noisy": torch.randn(batch, t.in_channels, h, w, generator=g).to(device, dt),
             "timesteps": torch.full((batch,), timestep, device=device),
-            "prompt_embeds": embeds.to(device), "pooled": pooled.to(device),
-            "control": torch.randn(batch, t.in_channels + 1, h, w, generator=g).to(device)}
+            "prompt_embeds": embeds.to(device, dt), "pooled": pooled.to(device, dt),
+            "control": torch.randn(batch, t.in_channels + 1, h, w, generator=g).to(device, dt)}
 
 
 def measure(ctrl: Controlled, x: dict, bc: BenchmarkConfig, device) -> dict:
@@ -122,18 +124,19 @@ def training_throughput(distill_metrics: Path) -> dict:
 def run_benchmark(cfg: Config, foundation: Path, models: dict[str, Path], distill_metrics: Path | None = None) -> dict:
     """``models``: name -> ControlNet folder; the teacher must be one of them, named ``teacher``."""
     from pipeline.models.student import controlnet_from_backbone
-    from pipeline.models.world import load_controlnet, load_foundation
+    from pipeline.runtime import runtime
 
     if TEACHER not in models:
         raise ValueError("benchmark: the models must include the teacher (the speedup reference)")
     bc = cfg.benchmark
     if bc.threads:
         torch.set_num_threads(bc.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = load_foundation(foundation)
-    backbone = pipe.transformer.to(device)
+    rt = runtime(cfg)  # device and dtype of every model measured
+    device = rt.device
+    pipe = rt.load_foundation(foundation)
+    backbone = pipe.transformer
     x = inputs(pipe, cfg, bc.batch_size, bc.timestep, device)
-    nets = {name: load_controlnet(path) for name, path in models.items()}
+    nets = {name: rt.load_controlnet(path) for name, path in models.items()}
     trained_depths = {int(n.config.num_layers) for k, n in nets.items() if k != TEACHER}
     for n in bc.extra_layers:
         if n not in trained_depths:
@@ -150,7 +153,7 @@ def run_benchmark(cfg: Config, foundation: Path, models: dict[str, Path], distil
     base["step_peak_mb"], method = peak_memory_mb(backbone_step, device)
     per_model = {}
     for name, net in nets.items():
-        net = net.to(device).eval().requires_grad_(False)
+        net = rt.place(net)
         per_model[name] = measure(Controlled(backbone, net, convention_of(name)), x, bc, device)
         print(name, {k: round(v, 3) if isinstance(v, float) else v for k, v in per_model[name].items()})
     t = per_model[TEACHER]
@@ -161,7 +164,8 @@ def run_benchmark(cfg: Config, foundation: Path, models: dict[str, Path], distil
         m["step_speedup_ideal"] = t["step_flops"] / m["step_flops"]
         m["params_ratio"] = t["controlnet_params"] / m["controlnet_params"]
     return {
-        "device": str(device), "threads": torch.get_num_threads(), "batch_size": bc.batch_size,
+        "device": str(device), "dtype": str(rt.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+        "batch_size": bc.batch_size,
         "warmup": bc.warmup, "repeats": bc.repeats, "memory_method": method,
         "backbone": base,
         "models": per_model,

@@ -26,7 +26,7 @@ from pipeline.evaluation.quality import agreement, optional_metrics, quality
 from pipeline.evaluation.sampler import inpaint_all
 from pipeline.models import inpaint
 from pipeline.models.mapping import TEACHER, convention_of
-from pipeline.models.world import load_controlnet
+from pipeline.runtime import runtime
 from pipeline.timing import stopwatch
 
 BACKBONE_ONLY = "backbone_only"
@@ -55,7 +55,8 @@ def sample(cfg: Config, pipe, controlnet, name: str, images, masks, prompts) -> 
     e = cfg.evaluate
     return inpaint_all(pipe, controlnet, convention_of(name), images, masks, prompts, batch_size=e.batch_size,
                        seed=e.seed, num_inference_steps=e.num_inference_steps, guidance_scale=e.guidance_scale,
-                       conditioning_scale=e.conditioning_scale, max_sequence_length=cfg.text.max_sequence_length)
+                       conditioning_scale=e.conditioning_scale, max_sequence_length=cfg.text.max_sequence_length,
+                       micro_batch=cfg.runtime.sample_batch_size)
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -79,15 +80,15 @@ def evaluate_models(cfg: Config, pipe, models: dict[str, str | Path | None], df:
     """Inpaint ``df`` (rows with image, mask, prompts) with each model; ``models``: name -> ControlNet
     folder, or None for the backbone alone. The teacher (when listed) is sampled first and is every other
     model's agreement reference. Returns (metrics per model, outputs per model, inputs)."""
-    ec = cfg.evaluate
+    ec, rt = cfg.evaluate, runtime(cfg)  # the ControlNets join ``pipe`` (loaded by rt.load_foundation)
     images, masks = load_pixels(df, cfg.data.image_size)
     hole = inpaint.binarise(masks)
     prompts = list(df[prompt])
     order = sorted(models, key=lambda n: n != TEACHER)
     outputs, metrics = {}, {}
     for name in order:
-        cn = None if models[name] is None else load_controlnet(models[name])
-        with stopwatch() as t:
+        cn = None if models[name] is None else rt.load_controlnet(models[name])
+        with stopwatch(rt.device) as t:
             outputs[name] = sample(cfg, pipe, cn, name, images, masks, prompts)
         metrics[name] = score(name, outputs[name], images, hole, outputs.get(TEACHER), ec)
         metrics[name].update(controlnet_params=n_params(cn),

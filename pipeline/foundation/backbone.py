@@ -54,7 +54,7 @@ def train_backbone(cfg: Config, scenes_dir: Path, vae_dir: Path, out: Path, chec
 
     loop = Loop("backbone", backbone, data, loss_fn, cfg.backbone.train, cfg.seed, checkpoints,
                 checkpoint_every=cfg.distill.checkpoint_every, keep_checkpoints=1, live_dir=live, fingerprint=f"{cfg.seed}{cfg.scheduler}{cfg.backbone.prompt_dropout}",
-                frozen={"vae": vae, **empty})
+                frozen={"vae": vae, **empty}, device=cfg.runtime.device)
     result = loop.run()
     backbone = loop.model.eval().requires_grad_(False)
     pipe = StableDiffusion3Pipeline(transformer=backbone, scheduler=scheduler, vae=vae,

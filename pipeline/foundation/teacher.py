@@ -15,6 +15,7 @@ from pipeline.models.controlled import Controlled
 from pipeline.models.mapping import TEACHER_CONVENTION
 from pipeline.models.student import controlnet_from_backbone
 from pipeline.models.world import encode_prompts, load_foundation
+from pipeline.runtime import dtype_for
 from pipeline.training import Loop, save_atomic
 
 
@@ -44,8 +45,9 @@ def train_teacher(cfg: Config, scenes_dir: Path, foundation_dir: Path, out: Path
 
     loop = Loop("teacher", teacher, data, loss_fn, cfg.teacher.train, cfg.seed, checkpoints,
                 checkpoint_every=cfg.distill.checkpoint_every, keep_checkpoints=1, live_dir=live, fingerprint=f"{cfg.seed}{cfg.scheduler}{cfg.teacher.prompt_dropout}",
-                on_start=lambda acc: pipe.transformer.to(acc.device),  # the frozen backbone follows the teacher
-                frozen={"backbone": pipe.transformer, "vae": pipe.vae, **empty})
+                # the frozen backbone follows the teacher, in the runtime policy's dtype there
+                on_start=lambda acc: pipe.transformer.to(acc.device, dtype_for(cfg, acc.device)),
+                frozen={"backbone": pipe.transformer, "vae": pipe.vae, **empty}, device=cfg.runtime.device)
     result = loop.run()
     save_atomic(loop.model.eval(), out)
     return {"teacher_train_seconds": result.seconds, "teacher_final_loss": result.last.get("loss"),

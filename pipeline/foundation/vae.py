@@ -49,7 +49,8 @@ def train_vae(cfg: Config, scenes_dir: Path, out: Path, checkpoints: Path, live:
     torch.manual_seed(cfg.seed)
     vae = build_vae(cfg)
     loop = Loop("vae", vae, {"image": images}, vae_loss, cfg.vae.train, cfg.seed, checkpoints,
-                checkpoint_every=cfg.distill.checkpoint_every, keep_checkpoints=1, live_dir=live, fingerprint=str(cfg.seed))
+                checkpoint_every=cfg.distill.checkpoint_every, keep_checkpoints=1, live_dir=live, fingerprint=str(cfg.seed),
+                device=cfg.runtime.device)
     result = loop.run()
     vae = loop.model.eval().requires_grad_(False)
     shift, scale = set_latent_stats(vae, images[:2048])

@@ -24,18 +24,21 @@ class Controlled:
                 controlnet=None) -> list[torch.Tensor]:
         """The ControlNet's per-layer residuals f_j (already times ``scale``). The ControlNet gets zero
         pooled projections, as the stock inpainting pipeline gives it. ``controlnet``: the same model
-        wrapped for training (DDP), when it is."""
-        cn_pooled = torch.zeros_like(pooled)
+        wrapped for training (DDP), when it is. Inputs are cast to the ControlNet's dtype: a float32 student
+        beside bf16 frozen models (runtime policy) without autocast; a no-op when they agree."""
+        dt = self.controlnet.dtype
         return list((controlnet or self.controlnet)(
-            hidden_states=noisy, timestep=timesteps, encoder_hidden_states=prompt_embeds,
-            pooled_projections=cn_pooled, controlnet_cond=control, conditioning_scale=scale, return_dict=False,
+            hidden_states=noisy.to(dt), timestep=timesteps, encoder_hidden_states=prompt_embeds.to(dt),
+            pooled_projections=torch.zeros_like(pooled, dtype=dt), controlnet_cond=control.to(dt),
+            conditioning_scale=scale, return_dict=False,
         )[0])
 
     def denoise(self, noisy, timesteps, prompt_embeds, pooled, residuals: list[torch.Tensor] | None) -> torch.Tensor:
-        blocks = expand_to_blocks(residuals, self.mapping) if residuals is not None else None
+        dt = self.backbone.dtype  # the frozen backbone's (runtime policy); residuals may come in float32
+        blocks = expand_to_blocks([r.to(dt) for r in residuals], self.mapping) if residuals is not None else None
         return self.backbone(
-            hidden_states=noisy, timestep=timesteps, encoder_hidden_states=prompt_embeds,
-            pooled_projections=pooled, block_controlnet_hidden_states=blocks, return_dict=False,
+            hidden_states=noisy.to(dt), timestep=timesteps, encoder_hidden_states=prompt_embeds.to(dt),
+            pooled_projections=pooled.to(dt), block_controlnet_hidden_states=blocks, return_dict=False,
         )[0]
 
     def __call__(self, noisy, timesteps, prompt_embeds, pooled, control, scale: float = 1.0):

@@ -60,7 +60,7 @@ def control_input(masked_latents: torch.Tensor, hole: torch.Tensor) -> torch.Ten
         raise ValueError(
             f"mask: latent mask {tuple(hole.shape)} does not match masked latents {tuple(masked_latents.shape)}"
         )
-    return torch.cat([masked_latents, 1 - hole.to(masked_latents.dtype)], dim=1)
+    return torch.cat([masked_latents, 1 - hole.to(masked_latents)], dim=1)  # its dtype and device
 
 
 def prepare_control(vae, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -142,11 +142,13 @@ def text_pipeline(components: dict) -> StableDiffusion3Pipeline:
 
 @torch.no_grad()
 def encode_prompts(text_pipe: StableDiffusion3Pipeline, prompts: list[str], max_sequence_length: int,
-                   device: torch.device | str = "cpu"):
-    """(prompt_embeds, pooled_prompt_embeds) exactly as the stock SD3 pipelines compute them."""
+                   device: torch.device | str | None = None):
+    """(prompt_embeds, pooled_prompt_embeds) exactly as the stock SD3 pipelines compute them, on ``device``
+    (default: where the text encoders are)."""
     embeds, _, pooled, _ = text_pipe.encode_prompt(
         prompt=list(prompts), prompt_2=None, prompt_3=None, do_classifier_free_guidance=False,
-        max_sequence_length=max_sequence_length, device=torch.device(device),
+        max_sequence_length=max_sequence_length,
+        device=torch.device(device) if device is not None else text_pipe.text_encoder.device,
     )
     return embeds, pooled
 

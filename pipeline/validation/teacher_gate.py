@@ -8,14 +8,14 @@ from pathlib import Path
 from pipeline.config import Config
 from pipeline.evaluation.evaluate import BACKBONE_ONLY, TEACHER, evaluate_models
 from pipeline.foundation.data import scenes
-from pipeline.models.world import load_foundation
+from pipeline.runtime import runtime
 
 GATE_KEYS = ("psnr", "ssim", "psnr_masked", "ssim_masked")
 
 
 def teacher_gate(cfg: Config, scenes_dir: Path, foundation_dir: Path, teacher_dir: Path) -> dict:
     df = scenes(scenes_dir, ("test",)).head(cfg.evaluate.num_images)
-    metrics, _, _ = evaluate_models(cfg, load_foundation(foundation_dir),
+    metrics, _, _ = evaluate_models(cfg, runtime(cfg).load_foundation(foundation_dir),
                                     {TEACHER: teacher_dir, BACKBONE_ONLY: None}, df)
     out = {"n_images": len(df)}
     for name in (TEACHER, BACKBONE_ONLY):

@@ -1,0 +1,91 @@
+"""The runtime policy: where models run, in what dtype, and in what micro-batches. The one place that
+decides it; every stage that runs a model asks here (params section ``runtime``, plus ``world.dtype``).
+
+- device: ``runtime.device`` = auto (the accelerator when there is one) | cpu | cuda[:i] | mps.
+- dtype of the frozen models (VAE, text encoders, backbone, teacher): ``world.dtype`` on an accelerator;
+  ``runtime.cpu_dtype`` on the CPU (float32 in the default profile: bf16 CPU kernels are slow and would
+  change the tiny world's outputs). Trained models keep float32 weights; ``distill.mixed_precision``
+  decides their autocast.
+- micro-batches: ``runtime.encode_batch_size`` rows per VAE/text-encoder call in ``encode``;
+  ``runtime.sample_batch_size`` images per denoising loop in the sampler (``evaluate.batch_size`` is the
+  batch that shares a noise seed, so this one changes memory, not which noise an image gets).
+- ``runtime.vae_slicing`` (one image at a time through the VAE; same values) and ``runtime.vae_tiling``
+  (tiles above the VAE's sample size, for resolutions whose activations do not fit; changes values
+  slightly, the stock pipeline does not tile by default).
+
+The training Loop asks accelerate for its device (one process per GPU under ``accelerate launch``); the
+frozen models follow that device in this policy's dtype.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.config import Config
+
+DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> the current accelerator (torch.accelerator), else the CPU; anything else as named."""
+    if not DEVICE.match(name):
+        raise ValueError(f"device {name!r}: expected auto | cpu | cuda[:i] | mps")
+    if name != "auto":
+        dev = torch.device(name)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"device {name!r}: CUDA is not available here (torch {torch.__version__}); "
+                               "set runtime.device: auto or cpu")
+        return dev
+    acc = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    return torch.device(acc) if acc is not None else torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    dtype: torch.dtype               # the frozen models'
+    encode_batch_size: int
+    sample_batch_size: int
+    vae_slicing: bool
+    vae_tiling: bool
+
+    def place(self, model):
+        """A frozen model onto the policy's device, in its dtype, in eval mode without grad."""
+        return model.to(self.device, self.dtype).eval().requires_grad_(False)
+
+    def load_foundation(self, path: str | Path, with_t5: bool | None = None):
+        """The SD3 pipeline (pipeline.models.world.load_foundation) loaded in the policy's dtype, every model
+        on its device, the VAE sliced/tiled as the policy says."""
+        from pipeline.models.world import load_foundation
+
+        pipe = load_foundation(path, dtype=self.dtype, device=self.device, with_t5=with_t5)
+        if self.vae_slicing:
+            pipe.vae.enable_slicing()
+        if self.vae_tiling:
+            pipe.vae.enable_tiling()
+        return pipe
+
+    def load_controlnet(self, path: str | Path):
+        from pipeline.models.world import load_controlnet
+
+        return load_controlnet(path, dtype=self.dtype, device=self.device)
+
+    def sync(self) -> None:
+        """Wait for the device (for timings)."""
+        if self.device.type != "cpu":
+            torch.accelerator.synchronize(self.device)
+
+
+def dtype_for(cfg: Config, device: torch.device) -> torch.dtype:
+    return getattr(torch, cfg.world.dtype if device.type != "cpu" else cfg.runtime.cpu_dtype)
+
+
+def runtime(cfg: Config) -> Runtime:
+    r = cfg.runtime
+    device = resolve_device(r.device)
+    return Runtime(device, dtype_for(cfg, device), r.encode_batch_size, r.sample_batch_size, r.vae_slicing,
+                   r.vae_tiling)
