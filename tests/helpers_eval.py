@@ -16,7 +16,7 @@ from tests.conftest import MICRO
 
 EVAL_PARAMS = {
     **MICRO,
-    "evaluation": {"num_samples": 2},
+    "evaluate": {**MICRO["evaluate"], "num_samples": 2},
     "ablations": {"stage1_steps": 2, "stage2_steps": 1, "batch_size": 4, "warmup_steps": 0,
                   "headline_seeds": [0, 1], "seeds": [0]},
     "benchmark": {"batch_size": 2, "warmup": 1, "repeats": 2, "extra_layers": [2]},
@@ -38,7 +38,7 @@ def eval_ws(micro_world, tmp_path_factory) -> Path:
     (root / "params.yaml").write_text(yaml.safe_dump(full(EVAL_PARAMS)))
     link(micro_world["scenes"], root / "data/triplets")
     link(micro_world["encoded"], root / "data/encoded")
-    link(micro_world["foundation"], root / "models/foundation")
+    link(micro_world["foundation"], root / "models/backbone")
     link(micro_world["teacher"], root / "models/teacher")
     scenes = pd.read_parquet(micro_world["scenes"] / "manifest.parquet")
     (root / "data/captions").mkdir(parents=True)
@@ -46,8 +46,8 @@ def eval_ws(micro_world, tmp_path_factory) -> Path:
     cfg = config(EVAL_PARAMS)
     kw = dict(foundation=micro_world["foundation"], teacher=micro_world["teacher"], encoded=micro_world["encoded"])
     for stage, out, init in (("stage1", "student_stage1", None), ("stage2", "student", "student_stage1")):
-        m = distill(cfg, stage, out=root / "models" / out, checkpoints=root / "checkpoints" / stage,
-                    live=root / "dvclive" / stage, init=root / "models" / init if init else None, **kw)
+        m = distill(cfg, stage, out=root / "models" / out, checkpoints=root / "checkpoints" / f"distill_{stage}",
+                    live=root / "dvclive" / f"distill_{stage}", init=root / "models" / init if init else None, **kw)
         write_json(root / "metrics/distill" / f"{stage}.json", m)
     return root
 

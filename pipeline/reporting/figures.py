@@ -92,11 +92,11 @@ def read_tsv(path: Path) -> tuple[list[float], list[float]]:
 
 
 def loss_curves(dvclive_dir: Path, stages: list[str], out: Path) -> Path | None:
-    """Each loss term per stage from dvclive's TSVs (dvclive/<stage>/plots/metrics/<stage>/<term>.tsv)."""
+    """Each loss term per DVC stage from dvclive's TSVs (dvclive/<stage>/plots/metrics/<loop>/<term>.tsv)."""
     panels = []
     for stage in stages:
-        d = Path(dvclive_dir) / stage / "plots" / "metrics" / stage
-        terms = sorted(p for p in d.glob("*.tsv") if p.stem not in ("lr", "samples_per_s"))
+        d = Path(dvclive_dir) / stage / "plots" / "metrics"
+        terms = sorted(p for p in d.glob("*/*.tsv") if p.stem not in ("lr", "samples_per_s"))
         if terms:
             panels.append((stage, terms))
     if not panels:
