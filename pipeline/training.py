@@ -66,6 +66,23 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor
     return idx
 
 
+def code_digest() -> str:
+    """sha256 of the source of every project module (pipeline.*, stages.*) this process has loaded: DVC reruns
+    a stage when its code changes, and a fixed loss or model must then not resume the old code's checkpoints."""
+    root = Path(__file__).resolve().parent.parent
+    files = set()
+    for module in list(sys.modules.values()):
+        f = getattr(module, "__file__", None)
+        if f and Path(f).suffix == ".py":
+            p = Path(f).resolve()
+            if p.is_relative_to(root / "pipeline") or p.is_relative_to(root / "stages"):
+                files.add(p)
+    h = hashlib.sha256()
+    for p in sorted(files):
+        h.update(f"{p.relative_to(root).as_posix()}\0".encode() + p.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
 def die_with_parent(sig: int = signal.SIGTERM) -> None:
     """Linux: have the kernel send ``sig`` to this process when its parent dies, so that killing `dvc` (or
     a launcher) never leaves a training process racing a rerun on the same checkpoint folder."""
@@ -165,7 +182,8 @@ class Loop:
         acc = Accelerator(
             gradient_accumulation_steps=self.gradient_accumulation_steps,
             mixed_precision=self.mixed_precision,
-            cpu=device is not None,
+            # "auto" on a machine without CUDA is the CPU too (gloo for several processes)
+            cpu=device is not None or (str(self.device) == "auto" and not torch.cuda.is_available()),
         )
         n, accum, procs = len(self.data), self.gradient_accumulation_steps, acc.num_processes
         micro = self.train.batch_size // procs
@@ -250,13 +268,14 @@ class Loop:
 
     def key(self) -> str:
         """What the checkpoints are made from: the loop's params (steps included: a longer or shorter run is
-        another run), the training data, the model's initial weights and the frozen models it reads."""
+        another run), the project code that runs it, the training data, the model's initial weights and the
+        frozen models it reads."""
         h = hashlib.sha256()
         settings = dict(extra=self.fingerprint, train=self.train.model_dump(mode="json"), seed=self.seed,
                         accum=self.gradient_accumulation_steps, precision=self.mixed_precision,
                         ema=self.ema_decay, optimizer=self.optimizer)
         h.update(json.dumps(settings, sort_keys=True).encode())
-        h.update(f"data|{self.data.digest()}|".encode())
+        h.update(f"code|{code_digest()}|data|{self.data.digest()}|".encode())
         groups = {"init": self.model.state_dict()}
         for name, m in self.frozen.items():
             groups[f"frozen.{name}"] = m.state_dict() if isinstance(m, torch.nn.Module) else {"": m}

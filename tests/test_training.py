@@ -276,3 +276,14 @@ def test_ema_resume_equals_uninterrupted(tmp_path):
     resumed = ema_loop(tmp_path / "res")
     resumed.run()
     assert_same(final(full), final(resumed))
+
+
+def test_key_changes_with_the_project_code(monkeypatch):
+    """A stage DVC reruns because its code changed must not resume the old code's checkpoints."""
+    from pipeline import training
+
+    before = training.code_digest()
+    src = Path(training.__file__)
+    real = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda p: real(p) + (b"# edited" if p == src.resolve() else b""))
+    assert training.code_digest() != before
