@@ -74,11 +74,6 @@ class Runtime:
 
         return load_controlnet(path, dtype=self.dtype, device=self.device)
 
-    def sync(self) -> None:
-        """Wait for the device (for timings)."""
-        if self.device.type != "cpu":
-            torch.accelerator.synchronize(self.device)
-
 
 def dtype_for(cfg: Config, device: torch.device) -> torch.dtype:
     return getattr(torch, cfg.world.dtype if device.type != "cpu" else cfg.runtime.cpu_dtype)
