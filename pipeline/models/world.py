@@ -56,20 +56,33 @@ def train_tokenizer(corpus: Iterable[str], cfg: Config) -> CLIPTokenizer:
     from tokenizers.pre_tokenizers import ByteLevel
 
     tok = CLIPTokenizer(model_max_length=cfg.text.tokenizer_max_length)
+    texts = [" ".join(c for c in string.printable if not c.isspace()), *corpus]
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    # tokenizers' BPE trainer gives the word-final tokens ("a</w>") ids in hash-map order, which differs
+    # from run to run and breaks count ties between merges differently (huggingface/tokenizers#1794): listed
+    # up front, they get fixed ids and the trained tokenizer is the same every run.
+    bt = tok.backend_tokenizer
+    words = {w for t in texts for w, _ in bt.pre_tokenizer.pre_tokenize_str(bt.normalizer.normalize_str(t))}
+    word_final = [f"{c}</w>" for c in sorted({w[-1] for w in words})]
     trainer = trainers.BpeTrainer(
         vocab_size=cfg.text.vocab_size,
-        special_tokens=["<|startoftext|>", "<|endoftext|>"],
+        special_tokens=specials + word_final,
         end_of_word_suffix="</w>",
         initial_alphabet=ByteLevel.alphabet(),
         show_progress=False,
     )
-    chars = " ".join(string.printable.split())
-    tok.backend_tokenizer.train_from_iterator([chars, *corpus], trainer)
-    # Round-trip through the standard files so ids and post-processor agree with what users load.
+    bt.train_from_iterator(texts, trainer)
+    import json
     import tempfile
 
+    # Round-trip through the standard files so ids and post-processor agree with what users load; the
+    # word-final tokens are ordinary vocabulary, not added special tokens.
     with tempfile.TemporaryDirectory() as tmp:
         tok.save_pretrained(tmp)
+        path = Path(tmp) / "tokenizer.json"
+        spec = json.loads(path.read_text())
+        spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] in specials]
+        path.write_text(json.dumps(spec, ensure_ascii=False))
         tok = CLIPTokenizer.from_pretrained(tmp)
     if len(tok(" ".join(string.ascii_lowercase + string.digits + ",.!?"))["input_ids"]) < 2:
         raise RuntimeError("tokenizer training failed: the alphabet does not tokenize")
