@@ -133,12 +133,13 @@ class CaptionConfig(_Strict):
 
 
 class GatesConfig(_Strict):
-    """Great Expectations gates (pipeline/validation); they write to pipeline.paths.GATES."""
+    """Great Expectations gates (pipeline/validation); they write to pipeline.paths.GATES. Every prompt must
+    also be printable text (pipeline.validation.gates.caption_problem: any script, quotes and punctuation;
+    no control or format characters, line breaks, undecodable bytes or blank prompts)."""
     mask_fraction_min: float = Field(..., ge=0, le=1)
     mask_fraction_max: float = Field(..., ge=0, le=1)
     caption_min_chars: int = Field(..., ge=1)
     caption_max_chars: int = Field(..., ge=1)
-    caption_allowed: str = Field(..., description="regex every prompt must match")
     require_global: bool
     latent_channels: int = Field(..., ge=1)
 
@@ -263,6 +264,10 @@ class StageConfig(_Strict):
 class DistillConfig(_Strict):
     student_layers: int = Field(..., ge=1)
     alpha: float = Field(..., ge=0, le=1, description="L_task weight inside the hole; 1-alpha outside")
+    # Both stages: a sample's prompt is replaced by the empty prompt's embedding ("" through the stock
+    # pipeline's encode_prompt, its negative prompt) for teacher and student alike, so the student also
+    # learns the teacher's unconditional prediction that classifier-free guidance needs.
+    prompt_dropout: float = Field(..., ge=0, lt=1, description="share of samples trained on the empty prompt")
     stage1: StageConfig
     stage2: StageConfig
     gradient_accumulation_steps: int = Field(..., ge=1)

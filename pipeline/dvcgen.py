@@ -64,15 +64,17 @@ def _train_outs(name: str, model) -> list:
 # The ablations read every distillation setting a variant may override, except the budget that
 # `ablations.*` sets for them (steps, batch size, warm-up of both stages).
 _ABLATION_DISTILL = [
-    "distill.student_layers", "distill.alpha", "distill.gradient_accumulation_steps", "distill.mixed_precision",
-    "distill.gradient_checkpointing", "distill.optimizer", "distill.ema_decay", "distill.checkpoint_every",
-    "distill.keep_checkpoints",
+    "distill.student_layers", "distill.alpha", "distill.prompt_dropout", "distill.gradient_accumulation_steps",
+    "distill.mixed_precision", "distill.gradient_checkpointing", "distill.optimizer", "distill.ema_decay",
+    "distill.checkpoint_every", "distill.keep_checkpoints",
     *(f"distill.{s}.{k}" for s in ("stage1", "stage2")
       for k in ("loss", "prompt", "train.lr", "train.weight_decay", "train.max_grad_norm")),
 ]
-_DISTILL_COMMON = ["seed", "scheduler", "distill.student_layers", "distill.alpha",
-                   "distill.gradient_accumulation_steps", "distill.mixed_precision", "distill.gradient_checkpointing",
-                   "distill.optimizer", "distill.ema_decay", "distill.checkpoint_every", "distill.keep_checkpoints"]
+# text.max_sequence_length: prompt dropout embeds the empty prompt as the encode stage embeds prompts
+_DISTILL_COMMON = ["seed", "scheduler", "distill.student_layers", "distill.alpha", "distill.prompt_dropout",
+                   "text.max_sequence_length", "distill.gradient_accumulation_steps", "distill.mixed_precision",
+                   "distill.gradient_checkpointing", "distill.optimizer", "distill.ema_decay",
+                   "distill.checkpoint_every", "distill.keep_checkpoints"]
 # pipeline.runtime: where the models run and the frozen models' dtype (world.dtype on an accelerator)
 _RUNTIME = ["runtime.device", "runtime.cpu_dtype", "world.dtype"]
 _VAE_RUNTIME = ["runtime.vae_slicing", "runtime.vae_tiling"]
@@ -97,7 +99,7 @@ STAGES = [
     Stage("caption", "caption", deps=[P.TRIPLETS], params=["caption"],
           outs=[P.CAPTIONS, (P.CAPTION_CACHE, PERSIST)]),
     Stage("validate_captions", "validate_captions", deps=[P.CAPTIONS, P.TRIPLETS],
-          params=["gates.caption_min_chars", "gates.caption_max_chars", "gates.caption_allowed", "gates.require_global"],
+          params=["gates.caption_min_chars", "gates.caption_max_chars", "gates.require_global"],
           outs=[(P.GATES / "captions.md", NOCACHE)], metrics=[P.GATES / "captions.json"]),
     Stage("vae", "vae", deps=[P.SCENES], params=[*_WORLD, "vae", "caption.backend", "caption.qwen.model",
                                                  "caption.qwen.revision"],
@@ -120,8 +122,8 @@ STAGES = [
     Stage("encode_benchmark", "encode_benchmark",
           deps=[P.ENCODED, P.BACKBONE, P.TEACHER, P.TRIPLETS, P.CAPTIONS],
           params=["seed", "data.image_size", "text.max_sequence_length", "scheduler", "distill.student_layers",
-                  "distill.alpha", "distill.stage1", "distill.mixed_precision", "distill.gradient_checkpointing",
-                  "distill.optimizer", *_RUNTIME, *_VAE_RUNTIME, "encode_benchmark"],
+                  "distill.alpha", "distill.prompt_dropout", "distill.stage1", "distill.mixed_precision",
+                  "distill.gradient_checkpointing", "distill.optimizer", *_RUNTIME, *_VAE_RUNTIME, "encode_benchmark"],
           metrics=[P.ENCODE_BENCHMARK_METRICS]),
     Stage("memory_benchmark", "memory_benchmark", deps=[P.TRIPLETS, P.CAPTIONS, P.BACKBONE, P.TEACHER],
           params=[*_DISTILL_COMMON, "distill.stage1", "data.image_size", "runtime", "world.dtype", "memory_benchmark"],

@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # What a workspace needs besides its params: code and pipeline definition, never outputs.
 WORKSPACE_FILES = ("pipeline", "stages", "configs", "dvc.yaml", "pyproject.toml", "prefect.yaml")
 DEFAULT = ("default", "params")   # names of the profile params.yaml itself holds
+EXTENDS = "extends"               # a profile's key naming the profile it is written over
 
 
 def profile_path(name: str, root: str | Path = ROOT) -> Path:
@@ -35,11 +36,25 @@ def profile_path(name: str, root: str | Path = ROOT) -> Path:
     return path
 
 
+def profile_overrides(name: str, root: str | Path = ROOT, _seen: tuple[str, ...] = ()) -> dict:
+    """configs/NAME.yaml: overrides of params.yaml. A profile whose first key is ``extends: BASE`` is written
+    over profile BASE: BASE's overrides with its own deep-merged over them (configs/sd3_local.yaml extends
+    sd3, so the two cannot drift apart)."""
+    path = profile_path(name, root)
+    raw = load_raw(path)
+    base = raw.pop(EXTENDS, None)
+    if base is None or base in DEFAULT:
+        return raw
+    if base == name or base in _seen:
+        raise ConfigError(f"{path}: {EXTENDS}: {base!r} makes a cycle ({' -> '.join((*_seen, name, base))})")
+    return deep_merge(profile_overrides(str(base), root, (*_seen, name)), raw)
+
+
 def merged(name: str, base: str | Path = ROOT / "params.yaml") -> dict:
     if name in DEFAULT:
         return load_raw(base)
     path = profile_path(name)
-    raw = deep_merge(load_raw(base), load_raw(path))
+    raw = deep_merge(load_raw(base), profile_overrides(name))
     from_dict(raw, f"{path} over {base}")  # validate before anything is written
     return raw
 
@@ -117,7 +132,7 @@ def apply_profile(name: str, root: str | Path = ROOT) -> Path:
         return params
     path = profile_path(name, root)
     before = params.read_text() if params.exists() else None
-    update_params(params, load_raw(path))
+    update_params(params, profile_overrides(name, root))
     try:
         load(params)
     except ConfigError as exc:

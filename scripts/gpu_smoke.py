@@ -4,7 +4,7 @@
    (wall time per stage and the trainers' samples/s from metrics/distill/*.json).
 2. ``bench``: a randomly initialised SD3-medium-shaped backbone (24 blocks, 24 heads x 64,
    joint_attention_dim 4096, pooled 2048, caption_projection 1536), the 23-layer teacher and a 12-layer
-   student at 1024 px (128x128 latents, 4096 image tokens + 77 CLIP + 256 T5 text tokens), bf16:
+   student at 1024 px (128x128 latents, 4096 image tokens + 77 CLIP + 77 T5 text tokens), bf16:
    ControlNet-only and full-step (ControlNet + backbone) latency of teacher vs student, and one stage-1
    training step exactly as distillation runs it (pipeline.distill.trainer's student and DistillLoss
    through pipeline.training.train_step, with the sd3 profile's precision, gradient checkpointing and
@@ -51,7 +51,7 @@ class Shape:
     vae_scale: int = 8
     blocks: int = 24
     teacher_layers: int = 23
-    text_tokens: int = 77 + 256
+    text_tokens: int = 77 + 77   # CLIP + T5 at the sd3 profile's text.max_sequence_length
     extra: dict = field(default_factory=dict)
 
     @property
@@ -124,7 +124,10 @@ def benchmark(shape: Shape, device="cuda", dtype=torch.bfloat16, batch: int = 1,
     cfg = from_dict(deep_merge(merged("sd3"), {"distill": {"mixed_precision": precision}}))
     backbone, teacher = build(shape, device)
     with torch.device(device):
-        student, loss_fn = student_and_loss(cfg, "stage1", backbone, teacher)
+        # prompt dropout (the sd3 profile's) swaps in a fixed "empty prompt": random here like the rest
+        x0 = inputs(shape, 1, device)
+        empty = {k: x0[k][0] for k in ("prompt_embeds", "pooled_prompt_embeds")}
+        student, loss_fn = student_and_loss(cfg, "stage1", backbone, teacher, empty=empty)
     place_frozen(cfg, device, backbone, teacher)
     t_ctrl = Controlled(backbone, teacher, TEACHER_CONVENTION)
     s_ctrl = Controlled(backbone, student, STUDENT_CONVENTION)

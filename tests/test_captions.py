@@ -87,9 +87,27 @@ def test_cache_survives_a_cut_line(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_qwen(tmp_path_factory):
-    pytest.importorskip("transformers")
-    from tests.qwen_tiny import build_tiny_qwen
-    return build_tiny_qwen(tmp_path_factory.mktemp("qwen") / "tiny-qwen2.5-vl")
+    from pipeline.models.standins import build_qwen
+
+    return build_qwen(tmp_path_factory.mktemp("qwen") / "qwen2.5-vl")
+
+
+def test_qwen_processor_is_the_real_one(tiny_qwen):
+    """Qwen2_5_VLProcessor itself (less the video processor, which needs torchvision): chat template, image
+    tokens expanded by the image grid, and the mm_token_type_ids the model needs for its 3D rotary positions."""
+    from PIL import Image
+    from transformers import Qwen2_5_VLProcessor
+
+    from pipeline.captions.qwen import load_processor
+
+    proc = load_processor(str(tiny_qwen))
+    assert isinstance(proc, Qwen2_5_VLProcessor) and type(proc.image_processor).__name__.startswith("Qwen2VLImage")
+    conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]}]
+    text = proc.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+    enc = proc(text=[text], images=[Image.new("RGB", (56, 56), (200, 30, 30))], padding=True, return_tensors="pt")
+    n_image = int((enc["input_ids"] == proc.image_token_id).sum())
+    assert n_image == int(enc["image_grid_thw"].prod()) // proc.image_processor.merge_size ** 2 > 0
+    assert int(enc["mm_token_type_ids"].sum()) == n_image
 
 
 def test_qwen_plumbing_cache_and_resume(data, tiny_qwen, tmp_path, monkeypatch):
@@ -108,6 +126,11 @@ def test_qwen_plumbing_cache_and_resume(data, tiny_qwen, tmp_path, monkeypatch):
     a = caption_manifest(data / "triplets/first5.parquet", cfg, tmp_path / "a.parquet", progress=False)
     assert len(a) == 5 and (a["caption_source"] == "qwen2_5_vl").all() and sum(calls) == 5
     assert a["local_prompt"].map(lambda s: isinstance(s, str)).all()
+    from pipeline.validation.gates import CAPTION_OK, caption_problem
+
+    # the stand-in writes printable text that depends on its input, as the captions gate wants
+    assert (a[["local_prompt", "global_prompt"]].map(caption_problem) == CAPTION_OK).all().all()
+    assert (a["local_prompt"] != a["global_prompt"]).all()
     # resume: a larger run only captions the rows not yet cached
     calls.clear()
     b = caption_manifest(data / "triplets/manifest.parquet", cfg, tmp_path / "b.parquet", progress=False)

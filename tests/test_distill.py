@@ -169,3 +169,51 @@ def test_two_processes_train_as_one(micro_world, tmp_path):
     one = weights(tmp_path / "one")
     worst = max(float((one[k] - w0[k]).abs().max()) for k in w0)
     assert worst <= 1e-6, worst  # 0.0 on CPU/gloo: (g0 + g1) / 2 == g0 / 2 + g1 / 2 exactly; NCCL may sum otherwise
+
+
+def test_prompt_dropout_gives_teacher_and_student_the_stock_empty_prompt(micro_world, tmp_path, monkeypatch):
+    """distill.prompt_dropout: after the noise is drawn (same noise as without dropout), a share of the
+    samples get the empty prompt's embeddings (world.empty_prompt: "" as the stock pipeline embeds its
+    negative prompt), the same ones for teacher and student; 0 (params.yaml) changes nothing; a stage
+    trains with it end to end."""
+    from pipeline.models.world import drop_prompts, empty_prompt, load_controlnet
+
+    pipe = load_foundation(micro_world["foundation"])
+    cfg0 = micro_config()
+    cfg = micro_config(distill={"prompt_dropout": 0.5})
+    msl = cfg.text.max_sequence_length
+    empty = empty_prompt(pipe, msl)
+    _, neg, _, neg_pooled = pipe.encode_prompt(prompt=["a red circle"], prompt_2=None, prompt_3=None,
+                                               do_classifier_free_guidance=True, max_sequence_length=msl)
+    assert torch.equal(empty["prompt_embeds"], neg[0]) and torch.equal(empty["pooled_prompt_embeds"], neg_pooled[0])
+    assert cfg0.distill.prompt_dropout == 0
+
+    teacher = load_controlnet(micro_world["teacher"])
+    data = stage_data(micro_world["encoded"], "stage1", "local")
+    batch = data.batch(torch.arange(8))
+    with pytest.raises(ValueError, match="prompt_dropout"):
+        trainer_mod.student_and_loss(cfg, "stage1", pipe.transformer, teacher)
+
+    def seen(c, empty_=None):
+        """(noisy latents, prompts the student saw, prompts the teacher saw) for one call on ``batch``."""
+        student, loss = trainer_mod.student_and_loss(c, "stage1", pipe.transformer, teacher, empty=empty_)
+        got = {}
+        for who, ctrl in (("student", loss.student), ("teacher", loss.teacher)):
+            real = ctrl.control
+            monkeypatch.setattr(ctrl, "control", lambda *a, who=who, real=real, **k: got.setdefault(
+                who, (a[0], a[2], a[3])) and real(*a, **k))
+        loss(student, batch, torch.Generator().manual_seed(3))
+        return got
+
+    plain, dropped = seen(cfg0), seen(cfg, empty)
+    torch.testing.assert_close(plain["student"][0], dropped["student"][0])  # dropout draws after the noise
+    assert torch.equal(plain["student"][1], batch["prompt_embeds"])
+    s_pe, s_pp = dropped["student"][1:]
+    assert torch.equal(s_pe, dropped["teacher"][1]) and torch.equal(s_pp, dropped["teacher"][2])
+    is_empty = torch.tensor([torch.equal(e, empty["prompt_embeds"]) for e in s_pe])
+    kept = torch.tensor([torch.equal(e, b) for e, b in zip(s_pe, batch["prompt_embeds"])])
+    assert bool((is_empty | kept).all()) and 0 < int(is_empty.sum()) < len(batch["prompt_embeds"])
+    assert drop_prompts(batch, 0.0, None, empty)[0] is batch["prompt_embeds"]  # p = 0 draws nothing
+
+    m = run(micro_world, "stage1", tmp_path / "s1", tmp_path / "ck", cfg=cfg)
+    assert m["stage1_steps"] == 4 and (tmp_path / "s1" / "config.json").exists()

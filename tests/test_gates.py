@@ -58,6 +58,50 @@ def test_broken_captions(data, tmp_path):
     assert "expect_column_value_lengths_to_be_between(local_prompt" in str(exc.value)
 
 
+VLM_CAPTIONS = ['a "vintage" sign reading café', "is that a dog? yes!", "Müller's grüne Tür", "señor's piñata",
+                "crème brûlée on a plate", "a 50% off label & a price tag (€5)", "l'été à Zürich",
+                "東京の看板", "a smiling face 🙂", "an em dash — and a non-breaking space"]
+
+
+@pytest.mark.parametrize("text", VLM_CAPTIONS)
+def test_caption_rule_accepts_what_a_vlm_writes(text):
+    from pipeline.validation.gates import CAPTION_OK, caption_problem
+
+    assert caption_problem(text) == CAPTION_OK
+
+
+@pytest.mark.parametrize("text,reason", [
+    ("", "blank"), ("   ", "blank"), ("a red\ncircle", "U+000A"), ("a red\tcircle", "U+0009"),
+    ("bell\x07", "U+0007"), ("zero\u200bwidth", "ZERO WIDTH SPACE"), ("caf\ufffd", "U+FFFD"),
+    ("line\u2028sep", "LINE SEPARATOR"), ("nul\x00", "U+0000"), ("esc\x1b[31mred", "U+001B"),
+])
+def test_caption_rule_rejects_blank_and_control_characters(text, reason):
+    from pipeline.validation.gates import CAPTION_OK, caption_problem
+
+    problem = caption_problem(text)
+    assert problem != CAPTION_OK and reason in problem, problem
+
+
+def test_captions_gate_on_vlm_text(data, tmp_path):
+    """The gate passes captions as a VLM writes them, and fails naming the row on a control character or
+    an overlong caption (gates.caption_max_chars)."""
+    c = pd.read_parquet(data / "captions/captions.parquet")
+    for i, text in enumerate(VLM_CAPTIONS):
+        c.loc[i, "local_prompt"] = text
+    c.to_parquet(tmp_path / "ok.parquet", index=False)
+    g = config().gates
+    assert captions_gate(tmp_path / "ok.parquet", data / "triplets/manifest.parquet", g, out_dir=str(tmp_path))["success"]
+    c.loc[3, "local_prompt"] = "a red circle\x07"
+    c.loc[4, "global_prompt"] = "x" * (g.caption_max_chars + 1)
+    c.to_parquet(tmp_path / "bad.parquet", index=False)
+    with pytest.raises(GateError) as exc:
+        captions_gate(tmp_path / "bad.parquet", data / "triplets/manifest.parquet", g, out_dir=str(tmp_path))
+    msg = str(exc.value)
+    assert "expect_column_values_to_be_in_set(local_prompt_check" in msg and "U+0007" in msg and c.loc[3, "id"] in msg
+    assert "expect_column_value_lengths_to_be_between(global_prompt" in msg
+    assert "to_be_in_set(global_prompt_check" not in msg and "to_be_in_set(local_differs_from_global" not in msg
+
+
 def _write_encoded(root, manifest, nan=False, channels=16, num_shards=2):
     """Encoded shards in the real format (pipeline.data.shards.write_shard), random values."""
     for split, ids in manifest.groupby("split")["id"]:

@@ -1,7 +1,8 @@
 """The real SD3 profile (issue 7), on CPU: configs/sd3.yaml validates; the pretrained-model loading code
-runs end to end on tiny models saved in the real folder layouts (SD3 pipeline folder with T5, alimama
-teacher folder, Qwen2.5-VL folder); a mismatched or missing model fails with a clear message; the 23-layer
-teacher is injected 1:1 whatever diffusers is installed."""
+runs end to end on the stand-ins of pipeline.models.standins (the real classes, saved in the real folder
+layouts: SD3 pipeline folder with T5, alimama teacher folder, Qwen2.5-VL folder) as configs/sd3_local.yaml
+describes them, the whole DAG included (slow); a mismatched or missing model fails with a clear message; the
+23-layer teacher is injected 1:1 whatever diffusers is installed."""
 
 from __future__ import annotations
 
@@ -16,9 +17,8 @@ import pytest
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).parent))
-from sd3_tiny import (build_tiny_sd3_pipeline, build_tiny_teacher, hub_cache_layout,  # noqa: E402
-                      transformer_kwargs, tiny_overrides)
+from pipeline.models import standins
+from pipeline.models.standins import build_teacher, hub_cache_layout, transformer_kwargs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,19 +38,27 @@ def sd3_cfg(**overrides):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict:
-    from qwen_tiny import build_tiny_qwen
+    """The stand-ins, written as `python -m pipeline.models.standins DIR` writes them."""
+    root = tmp_path_factory.mktemp("sd3local")
+    paths = standins.write_standins(root / "standins")
+    return {"root": root, "foundation": paths["foundation"], "teacher": paths["teacher"], "qwen": paths["captioner"]}
 
-    root = tmp_path_factory.mktemp("sd3tiny")
-    return {"root": root,
-            "foundation": build_tiny_sd3_pipeline(root / "sd3-medium"),
-            "teacher": build_tiny_teacher(root / "alimama"),
-            "qwen": build_tiny_qwen(root / "qwen")}
+
+def local_raw(tiny, **more) -> dict:
+    """configs/sd3_local.yaml over params.yaml, its workspace-relative model paths made absolute."""
+    from pipeline.config import deep_merge
+    from pipeline.profile import merged
+
+    where = {"world": {"foundation": {"local_dir": str(tiny["foundation"])},
+                       "teacher": {"local_dir": str(tiny["teacher"])}},
+             "caption": {"qwen": {"model": str(tiny["qwen"])}}}
+    return deep_merge(deep_merge(merged("sd3_local"), where), more)
 
 
 def tiny_cfg(tiny, **more):
-    from pipeline.config import deep_merge
+    from pipeline.config import from_dict
 
-    return sd3_cfg(**deep_merge(tiny_overrides(tiny["foundation"], tiny["teacher"], tiny["qwen"]), more))
+    return from_dict(local_raw(tiny, **more), "sd3_local test")
 
 
 # ------------------------------------------------------------------------------------------- config
@@ -64,7 +72,8 @@ def test_sd3_profile_parses_and_validates():
     assert w.teacher.repo == "alimama-creative/SD3-Controlnet-Inpainting"
     assert (cfg.data.image_size, cfg.backbone.num_layers, cfg.teacher.num_layers, cfg.distill.student_layers) == \
         (1024, 24, 23, 12)
-    assert cfg.text.max_sequence_length == 256
+    assert cfg.text.max_sequence_length == 77          # as alimama trained the teacher (README: pipe(...=77))
+    assert cfg.distill.prompt_dropout > 0               # CFG's unconditional branch distilled too
     assert cfg.distill.mixed_precision == "bf16" and cfg.distill.gradient_checkpointing
     cap = cfg.caption
     assert cap.backend == "qwen2_5_vl" and cap.qwen.model == "Qwen/Qwen2.5-VL-7B-Instruct"
@@ -95,7 +104,46 @@ def test_preflight_on_local_folders(tiny):
     world = preflight(tiny_cfg(tiny))
     assert world.foundation.how == world.teacher.how == "local_dir"
     assert world.captioner is not None and world.captioner.path == tiny["qwen"].resolve()
+    assert world.transformer_config["joint_attention_dim"] == standins.T5_DIM
     assert world.transformer_config["num_layers"] == 24 and world.teacher_config["num_layers"] == 23
+
+
+def test_sd3_local_is_sd3_with_the_standins():
+    """configs/sd3_local.yaml extends sd3: every sd3 setting it does not override is sd3's, and what it
+    overrides describes pipeline.models.standins (sizes, folder names), at 64-128 px, bf16 world."""
+    from pipeline.config import from_dict
+    from pipeline.profile import merged, profile_overrides
+
+    sd3, local = merged("sd3"), merged("sd3_local")
+    cfg = from_dict(local, "sd3_local")
+    assert (cfg.world.source, cfg.world.dtype, cfg.caption.backend) == ("pretrained", "bfloat16", "qwen2_5_vl")
+    assert cfg.world.foundation.repo == sd3["world"]["foundation"]["repo"]           # from sd3, not restated
+    assert cfg.world.foundation.local_dir == f"standins/{standins.FOUNDATION_DIR}"
+    assert cfg.world.teacher.local_dir == f"standins/{standins.TEACHER_DIR}"
+    assert cfg.caption.qwen.model == f"standins/{standins.QWEN_DIR}"
+    assert 64 <= cfg.data.image_size == standins.IMAGE_SIZE <= 128
+    assert tuple(cfg.vae.block_out_channels) == standins.VAE_CHANNELS
+    assert (cfg.backbone.num_layers, cfg.teacher.num_layers, cfg.distill.student_layers) == (24, 23, 12)
+    assert (cfg.backbone.num_attention_heads, cfg.backbone.attention_head_dim) == (standins.HEADS, standins.HEAD_DIM)
+    assert cfg.text.max_sequence_length == 77 and cfg.distill.prompt_dropout == sd3["distill"]["prompt_dropout"]
+    assert "extends" not in profile_overrides("sd3_local") and "extends" not in local
+
+
+def test_profile_extends_is_checked(tmp_path):
+    from pipeline.config import ConfigError
+    from pipeline.profile import profile_overrides
+
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "a.yaml").write_text("extends: b\ndata: {image_size: 64}\n")
+    (tmp_path / "configs" / "b.yaml").write_text("extends: a\nseed: 1\n")
+    (tmp_path / "configs" / "c.yaml").write_text("extends: default\nseed: 2\n")
+    (tmp_path / "configs" / "d.yaml").write_text("extends: c\ndata: {image_size: 64}\n")
+    with pytest.raises(ConfigError, match="makes a cycle"):
+        profile_overrides("a", tmp_path)
+    assert profile_overrides("d", tmp_path) == {"seed": 2, "data": {"image_size": 64}}
+    with pytest.raises(ConfigError, match="known profiles"):
+        (tmp_path / "configs" / "e.yaml").write_text("extends: nope\n")
+        profile_overrides("e", tmp_path)
 
 
 def test_resolves_from_the_hub_cache_without_network(tiny, tmp_path, monkeypatch):
@@ -181,7 +229,7 @@ def test_weights_that_contradict_the_config_are_caught(tiny, tmp_path):
     """A 22-layer teacher's weights under a config that says 23: caught from the safetensors headers."""
     from pipeline.models.pretrained import ModelError, preflight
 
-    bad = build_tiny_teacher(tmp_path / "t22", num_layers=22)
+    bad = build_teacher(tmp_path / "t22", num_layers=22)
     _edit_json(bad / "config.json", num_layers=23)
     with pytest.raises(ModelError, match=r"controlnet_blocks\.22\.weight has shape None"):
         preflight(tiny_cfg(tiny, world={"teacher": {"local_dir": str(bad)}}))
@@ -204,16 +252,20 @@ def test_load_world_end_to_end_with_t5(tiny):
     teacher-controlled denoise path the distillation uses, at the profile's max_sequence_length."""
     from pipeline.models.controlled import Controlled
     from pipeline.models.pretrained import load_world
-    from pipeline.models.world import encode_prompts
+    from pipeline.models.world import empty_prompt, encode_prompts
 
     cfg = tiny_cfg(tiny)
     pipe, teacher = load_world(cfg, dtype="float32")
     assert pipe.text_encoder_3 is not None and pipe.tokenizer_3 is not None
     embeds, pooled = encode_prompts(pipe, ["a red circle", ""], cfg.text.max_sequence_length)
-    assert embeds.shape == (2, 77 + 256, 32) and pooled.shape == (2, 32)
+    assert embeds.shape == (2, 77 + 77, 32) and pooled.shape == (2, 32)
     assert embeds[:, 77:].abs().sum() > 0  # real T5 rows, not the zeros SD3 uses without T5
-    lat = torch.randn(2, 16, 16, 16)
-    control = torch.randn(2, 17, 16, 16)
+    empty = empty_prompt(pipe, cfg.text.max_sequence_length)  # what prompt dropout substitutes
+    _, neg, _, neg_pooled = pipe.encode_prompt(prompt=["a red circle"], prompt_2=None, prompt_3=None,
+                                               do_classifier_free_guidance=True, max_sequence_length=77)
+    assert torch.equal(empty["prompt_embeds"], neg[0]) and torch.equal(empty["pooled_prompt_embeds"], neg_pooled[0])
+    lat = torch.randn(2, 16, 8, 8)
+    control = torch.randn(2, 17, 8, 8)
     out, res = Controlled(pipe.transformer, teacher, "one_to_one")(lat, torch.tensor([500.0, 20.0]), embeds,
                                                                     pooled, control)
     assert out.shape == lat.shape and len(res) == 23 and all(r.abs().sum() > 0 for r in res)
@@ -227,7 +279,7 @@ def test_foundation_stages_materialise_pretrained_models(tiny, tmp_path, monkeyp
     from pipeline.models.world import load_foundation
     from stages import backbone, teacher, vae
 
-    cfg_raw = sd3_raw(**tiny_overrides(tiny["foundation"], tiny["teacher"], tiny["qwen"]))
+    cfg_raw = local_raw(tiny)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(cfg_raw))
     monkeypatch.chdir(tmp_path)
     for stage in (vae, backbone, teacher):
@@ -236,6 +288,8 @@ def test_foundation_stages_materialise_pretrained_models(tiny, tmp_path, monkeyp
     assert vae_m["source"] == "pretrained" and vae_m["scaling_factor"] == pytest.approx(1.5305)
     assert vae_m["captioner"]["path"] == str(tiny["qwen"].resolve())
     assert json.loads(Path("metrics/foundation/teacher.json").read_text())["num_layers"] == 23
+    for name in ("vae", "backbone", "teacher"):  # the stages' persistent outs exist, empty: nothing trained
+        assert Path("checkpoints", name).is_dir() and Path("dvclive", name).is_dir()
     src = json.loads(Path("models/backbone/SOURCE.json").read_text())
     assert src["repo"] == "stabilityai/stable-diffusion-3-medium-diffusers" and src["resolved_from"] == "local_dir"
     assert Path("models/backbone/text_encoder_3/config.json").is_symlink()
@@ -244,6 +298,60 @@ def test_foundation_stages_materialise_pretrained_models(tiny, tmp_path, monkeyp
     pipe = load_foundation(Path("models/backbone"))  # encode / evaluation: T5 loaded as the stock pipeline does
     assert len(pipe.transformer.transformer_blocks) == 24 and pipe.text_encoder_3 is not None
     assert load_foundation(Path("models/backbone"), with_t5=False).text_encoder_3 is None  # distillation
+
+
+def test_teacher_loads_with_extra_conditioning_channels_passed_explicitly(tiny, tmp_path):
+    """world.load_controlnet passes extra_conditioning_channels=1 (as diffusers loads the alimama teacher):
+    a config.json without the key still checks (the 17-channel pos_embed_input weight decides) and loads
+    as an inpainting ControlNet, not as a 16-channel one."""
+    from pipeline.models.pretrained import preflight
+    from pipeline.models.world import load_controlnet
+
+    bare = _copy(tiny["teacher"], tmp_path / "teacher")
+    _edit_json(bare / "config.json", extra_conditioning_channels=None)
+    assert "extra_conditioning_channels" not in json.loads((bare / "config.json").read_text())
+    preflight(tiny_cfg(tiny, world={"teacher": {"local_dir": str(bare)}}), captioner=False)
+    cn = load_controlnet(bare)
+    assert cn.config.extra_conditioning_channels == 1 and cn.pos_embed_input.proj.weight.shape[1] == 17
+
+
+@pytest.mark.slow
+def test_sd3_local_dag_runs_the_pretrained_path_end_to_end(tmp_path):
+    """`make smoke-sd3`: a workspace of configs/sd3_local.yaml, its stand-ins written into it, `dvc repro`
+    to the report on CPU. The models come from the pretrained path (resolved, checked, materialised with
+    SOURCE.json), captions from the Qwen2.5-VL stand-in through Qwen2_5_VLProcessor, prompts with T5."""
+    import pandas as pd
+
+    from pipeline.profile import make_workspace
+
+    ws = make_workspace("sd3_local", tmp_path / "ws")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DVC_IGNORE_ISATTY": "1", "TQDM_DISABLE": "1",
+           "GX_ANALYTICS_ENABLED": "false", "DVC_NO_ANALYTICS": "1",
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    subprocess.run([sys.executable, "-m", "pipeline.models.standins", "standins"], cwd=ws, env=env, check=True,
+                   capture_output=True, timeout=300)
+    run = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=ws, env=env, capture_output=True, text=True,
+                         timeout=1500)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    assert (ws / "reports/report.md").read_text().strip()
+    for f in ("metrics/headline.json", "metrics/report.json", "metrics/eval/teacher.json", "metrics/eval/student.json",
+              "metrics/distill/stage1.json", "metrics/distill/stage2.json", "metrics/benchmark.json"):
+        assert json.loads((ws / f).read_text()), f
+    for name, repo in (("vae", "stabilityai/stable-diffusion-3-medium-diffusers"),
+                       ("backbone", "stabilityai/stable-diffusion-3-medium-diffusers"),
+                       ("teacher", "alimama-creative/SD3-Controlnet-Inpainting")):
+        src = json.loads((ws / "models" / name / "SOURCE.json").read_text())
+        assert src["repo"] == repo and src["resolved_from"] == "local_dir", src
+        assert Path(src["path"]).resolve().parent == (ws / "standins").resolve()
+    assert json.loads((ws / "metrics/foundation/vae.json").read_text())["captioner"]["resolved_from"] == "local_dir"
+    captions = pd.read_parquet(ws / "data/captions/captions.parquet")
+    assert (captions["caption_source"] == "qwen2_5_vl").all()
+    assert json.loads((ws / "metrics/gates/captions.json").read_text())["success"]
+    from safetensors import safe_open
+
+    shard = next((ws / "data/encoded/labelled").glob("*.safetensors"))
+    with safe_open(str(shard), "pt") as f:
+        assert f.get_slice("prompt_embeds").get_shape()[1:] == [77 + 77, standins.T5_DIM]  # CLIP + T5 at 77
 
 
 def test_adamw8bit_switch(monkeypatch):

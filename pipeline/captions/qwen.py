@@ -6,6 +6,7 @@ image with the hole tinted (overlay). trust_remote_code is always False.
 
 from __future__ import annotations
 
+import functools
 import re
 
 import numpy as np
@@ -36,45 +37,44 @@ def clean(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip(" .\"'")
 
 
-class TextImageProcessor:
-    """The part of Qwen2_5_VLProcessor that captioning needs (chat template, image-token expansion,
-    decoding), built from tokenizer + PIL image processor: used when the full processor cannot load
-    (it requires torchvision for its video processor)."""
+@functools.cache
+def _images_only_processor_class():
+    """Qwen2_5_VLProcessor, less its video processor.
 
-    def __init__(self, tokenizer, image_processor):
-        self.tokenizer, self.image_processor = tokenizer, image_processor
-        self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+    transformers builds Qwen2_5_VLProcessor with a video processor, and Qwen2VLVideoProcessor needs
+    torchvision (AutoProcessor fails without it). Captioning sends images only: this subclass lets the
+    video processor be None and changes nothing else, so chat template, image-token expansion,
+    ``mm_token_type_ids`` (which the model needs for its 3D rotary positions) and decoding are the real
+    class's."""
+    from transformers import Qwen2_5_VLProcessor
 
-    def apply_chat_template(self, conversation, **kwargs):
-        return self.tokenizer.apply_chat_template(conversation, **kwargs)
+    class Qwen2_5_VLImagesOnlyProcessor(Qwen2_5_VLProcessor):
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument_name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
 
-    def __call__(self, text: list[str], images: list, padding=True, return_tensors="pt"):
-        from transformers import BatchFeature
-
-        vision = self.image_processor(images=images, return_tensors=return_tensors)
-        counts = iter((vision["image_grid_thw"].prod(-1) // self.image_processor.merge_size**2).tolist())
-        expanded = []
-        for t in text:
-            parts = t.split(self.image_token)
-            expanded.append(parts[0] + "".join(self.image_token * next(counts) + p for p in parts[1:]))
-        enc = self.tokenizer(expanded, padding=padding, return_tensors=return_tensors)
-        return BatchFeature({**enc, **vision})
-
-    def batch_decode(self, ids, **kwargs):
-        return self.tokenizer.batch_decode(ids, **kwargs)
+    return Qwen2_5_VLImagesOnlyProcessor
 
 
 def load_processor(model: str, revision: str | None = None):
-    """AutoProcessor when it loads; else tokenizer + PIL image processor (same inputs for the model)."""
-    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+    """The model's Qwen2_5_VLProcessor: AutoProcessor where torchvision is installed; else the same class
+    without its video processor, over the folder's tokenizer and its image processor's PIL backend."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+    from transformers.utils import is_torchvision_available
 
-    try:
+    if is_torchvision_available():
+        from transformers import AutoProcessor
+
         return AutoProcessor.from_pretrained(model, revision=revision, trust_remote_code=False)
-    except (ImportError, AttributeError, TypeError, ValueError, OSError):
-        tokenizer = AutoTokenizer.from_pretrained(model, revision=revision, trust_remote_code=False)
-        image_processor = AutoImageProcessor.from_pretrained(model, revision=revision, backend="pil",
-                                                             trust_remote_code=False)
-        return TextImageProcessor(tokenizer, image_processor)
+    cls = _images_only_processor_class()
+    tokenizer = AutoTokenizer.from_pretrained(model, revision=revision, trust_remote_code=False)
+    image_processor = AutoImageProcessor.from_pretrained(model, revision=revision, backend="pil",
+                                                         trust_remote_code=False)
+    # the processor's own chat template (chat_template.json/.jinja) first, as from_pretrained reads it
+    processor_dict, _ = cls.get_processor_dict(model, revision=revision)
+    template = processor_dict.get("chat_template") or tokenizer.chat_template
+    return cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=None, chat_template=template)
 
 
 class QwenCaptioner:

@@ -26,6 +26,7 @@ from accelerate import Accelerator
 from pipeline.config import Config, EncodeBenchmarkConfig
 from pipeline.data.encode import encode_rows, joined
 from pipeline.distill.trainer import SPLIT_OF, batch_from, place_frozen, stage_data, student_and_loss
+from pipeline.models.world import empty_prompt
 from pipeline.runtime import runtime
 from pipeline.timing import stopwatch
 from pipeline.training import batch_indices, make_optimizer, step_generator, train_step
@@ -47,7 +48,8 @@ def run_benchmark(cfg: Config, bcfg: EncodeBenchmarkConfig, *, foundation: Path,
     pipe = rt.load_foundation(foundation)  # its VAE and text encoders serve the on-the-fly arm
     backbone = pipe.transformer
     teacher_model = rt.load_controlnet(teacher)
-    student, loss_fn = student_and_loss(cfg, stage, backbone, teacher_model)
+    empty = empty_prompt(pipe, cfg.text.max_sequence_length) if cfg.distill.prompt_dropout > 0 else None
+    student, loss_fn = student_and_loss(cfg, stage, backbone, teacher_model, empty=empty)
     place_frozen(cfg, device, backbone, teacher_model)
     params = [p for p in student.parameters() if p.requires_grad]
     model, opt = acc.prepare(student, make_optimizer(cfg.distill.optimizer, params, stage_cfg.train.lr,

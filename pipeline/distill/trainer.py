@@ -7,7 +7,7 @@ clean-image target, and its loss never calls ``flow.target``.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -21,7 +21,7 @@ from pipeline.models import flow, inpaint
 from pipeline.models.controlled import Controlled
 from pipeline.models.mapping import STUDENT_CONVENTION, TEACHER_CONVENTION, af_pairs, skipped_blocks, unused_layers
 from pipeline.models.student import controlnet_from_backbone
-from pipeline.models.world import load_controlnet, load_foundation
+from pipeline.models.world import drop_prompts, empty_prompt, load_controlnet, load_foundation
 from pipeline.runtime import dtype_for, runtime
 from pipeline.training import Loop, save_atomic
 
@@ -103,10 +103,20 @@ def labelled_batch(batch: dict, train_sched, cfg: Config, gen) -> tuple[Inputs, 
 
 
 class DistillLoss:
-    """Callable for pipeline.training.Loop: one forward of teacher (no grad) and student, the terms."""
+    """Callable for pipeline.training.Loop: one forward of teacher (no grad) and student, the terms.
 
-    def __init__(self, cfg: Config, stage: Stage, stage_cfg: StageConfig, backbone, teacher, student):
+    Prompt dropout (``distill.prompt_dropout``): after the noise is drawn, each sample's prompt is replaced
+    with that probability by ``empty`` (pipeline.models.world.empty_prompt, the stock pipeline's negative
+    prompt) for teacher and student alike, so the student learns the unconditional prediction that
+    classifier-free guidance combines with the conditional one."""
+
+    def __init__(self, cfg: Config, stage: Stage, stage_cfg: StageConfig, backbone, teacher, student,
+                 empty: dict[str, torch.Tensor] | None = None):
         self.cfg, self.stage = cfg, stage
+        self.prompt_dropout, self.empty = cfg.distill.prompt_dropout, empty
+        if self.prompt_dropout > 0 and empty is None:
+            raise ValueError("distill.prompt_dropout > 0 needs the empty prompt's embeddings "
+                             "(pipeline.models.world.empty_prompt)")
         self.weights = stage_cfg.loss.model_dump()
         check_weights(self.weights)
         self.supervised = stage == "stage1" and self.weights["task"] > 0
@@ -123,6 +133,9 @@ class DistillLoss:
             x, tgt, hole = labelled_batch(batch, self.train_sched, self.cfg, gen)
         else:
             x = unlabelled_batch(batch, self.train_sched, self.cfg, gen)
+        if self.prompt_dropout > 0:
+            pe, pp = drop_prompts(batch, self.prompt_dropout, gen, self.empty)
+            x = replace(x, prompt_embeds=pe, pooled=pp)
         args = (x.noisy, x.timesteps, x.prompt_embeds, x.pooled)
         s_res = self.student.control(*args, x.control, controlnet=model)
         s_pred = self.student.denoise(*args, s_res)
@@ -148,8 +161,10 @@ def build_student(cfg: Config, backbone, init: Path | None) -> SD3ControlNetMode
     return SD3ControlNetModel.from_pretrained(init, torch_dtype=torch.float32)
 
 
-def student_and_loss(cfg: Config, stage: Stage, backbone, teacher, init: Path | None = None):
-    """(student, DistillLoss) exactly as ``distill`` trains them; the encode benchmark times the same."""
+def student_and_loss(cfg: Config, stage: Stage, backbone, teacher, init: Path | None = None,
+                     empty: dict[str, torch.Tensor] | None = None):
+    """(student, DistillLoss) exactly as ``distill`` trains them; the encode benchmark times the same.
+    ``empty``: the empty prompt's embeddings, needed when distill.prompt_dropout > 0."""
     student = build_student(cfg, backbone, init)
     dead = unused_layers(Controlled(backbone, student, STUDENT_CONVENTION).mapping, student.config.num_layers)
     if dead:
@@ -157,7 +172,7 @@ def student_and_loss(cfg: Config, stage: Stage, backbone, teacher, init: Path | 
     if cfg.distill.gradient_checkpointing:
         student.enable_gradient_checkpointing()
         backbone.enable_gradient_checkpointing()
-    return student, DistillLoss(cfg, stage, getattr(cfg.distill, stage), backbone, teacher, student)
+    return student, DistillLoss(cfg, stage, getattr(cfg.distill, stage), backbone, teacher, student, empty)
 
 
 def distill(cfg: Config, stage: Stage, *, foundation: Path, teacher: Path, encoded: Path, out: Path,
@@ -166,11 +181,15 @@ def distill(cfg: Config, stage: Stage, *, foundation: Path, teacher: Path, encod
     stage_cfg: StageConfig = getattr(cfg.distill, stage)
     rt = runtime(cfg)
     # Loaded on the CPU in the policy's dtype; Loop's on_start moves them to accelerate's device (one GPU per
-    # process under `accelerate launch`). No T5: prompts come embedded from the encode stage.
-    pipe = load_foundation(foundation, rt.dtype, with_t5=False)
+    # process under `accelerate launch`). Prompts come embedded from the encode stage; T5 (when the folder
+    # ships one) is loaded only to embed the empty prompt for prompt dropout, as the encode stage embeds.
+    dropout = cfg.distill.prompt_dropout > 0
+    pipe = load_foundation(foundation, rt.dtype, with_t5=None if dropout else False)
+    empty = empty_prompt(pipe, cfg.text.max_sequence_length) if dropout else None
+    pipe.text_encoder_3 = pipe.tokenizer_3 = None  # freed: training reads no more text
     backbone = pipe.transformer
     teacher_model = load_controlnet(teacher, rt.dtype)
-    student, loss = student_and_loss(cfg, stage, backbone, teacher_model, init)
+    student, loss = student_and_loss(cfg, stage, backbone, teacher_model, init, empty)
     data = stage_data(encoded, stage, stage_cfg.prompt)
 
     def on_start(acc):  # the frozen models follow the student onto the accelerator's device (GPU)
@@ -185,8 +204,10 @@ def distill(cfg: Config, stage: Stage, *, foundation: Path, teacher: Path, encod
                 # What the loss reads beyond the Loop's own settings; not the other stage's params, nor
                 # checkpoint cadence or gradient checkpointing, which change no result.
                 fingerprint=json.dumps({"scheduler": cfg.scheduler.model_dump(mode="json"), "alpha": cfg.distill.alpha,
-                                        "stage": stage_cfg.model_dump(mode="json", exclude={"train"})}),
-                frozen={"backbone": backbone, **({"teacher": teacher_model} if loss.uses_teacher else {})})
+                                        "stage": stage_cfg.model_dump(mode="json", exclude={"train"}),
+                                        **({"prompt_dropout": cfg.distill.prompt_dropout} if dropout else {})}),
+                frozen={"backbone": backbone, **({"teacher": teacher_model} if loss.uses_teacher else {}),
+                        **({f"empty_{k}": v for k, v in empty.items()} if dropout else {})})
     result = loop.run()
     metrics = {f"{stage}_train_seconds": result.seconds, f"{stage}_samples_per_s": result.samples_per_second,
                f"{stage}_steps": result.steps, **{f"{stage}_final_{k}": v for k, v in result.last.items()}}

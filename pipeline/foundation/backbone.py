@@ -12,19 +12,8 @@ from pipeline.config import Config
 from pipeline.foundation.data import TRAIN_SPLITS, encode_in_batches, pixels, scenes
 from pipeline.foundation.text import build_text_components
 from pipeline.models import flow
-from pipeline.models.world import build_backbone, build_scheduler, encode_prompts, text_pipeline
+from pipeline.models.world import build_backbone, build_scheduler, drop_prompts, encode_prompts, text_pipeline
 from pipeline.training import Loop, save_atomic
-
-
-def drop_prompts(batch: dict, p: float, generator: torch.Generator, empty: dict) -> tuple:
-    """Replace prompts by the empty prompt with probability p (classifier-free guidance training)."""
-    embeds, pooled = batch["prompt_embeds"], batch["pooled_prompt_embeds"]
-    if p <= 0:
-        return embeds, pooled
-    drop = (torch.rand(len(embeds), generator=generator) < p).to(embeds.device)
-    embeds = torch.where(drop[:, None, None], empty["prompt_embeds"].to(embeds), embeds)
-    pooled = torch.where(drop[:, None], empty["pooled_prompt_embeds"].to(pooled), pooled)
-    return embeds, pooled
 
 
 def train_backbone(cfg: Config, scenes_dir: Path, vae_dir: Path, out: Path, checkpoints: Path,

@@ -17,7 +17,12 @@ def run(description: str, component: str, out: Path, train: Callable[[Config], d
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--params", default="params.yaml")
     cfg = load(ap.parse_args(argv).params)
-    metrics = pretrained.materialise(cfg, component, out) if pretrained.is_pretrained(cfg) else train(cfg)
+    if pretrained.is_pretrained(cfg):
+        metrics = pretrained.materialise(cfg, component, out)
+        for folder in (paths.CHECKPOINTS / component, paths.DVCLIVE / component):
+            folder.mkdir(parents=True, exist_ok=True)  # the stage's (persistent) outs: nothing was trained
+    else:
+        metrics = train(cfg)
     write_json(paths.FOUNDATION_METRICS / f"{component}.json", metrics)
     print(metrics)
     return metrics

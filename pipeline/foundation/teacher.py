@@ -8,13 +8,12 @@ from pathlib import Path
 import torch
 
 from pipeline.config import Config
-from pipeline.foundation.backbone import drop_prompts
 from pipeline.foundation.data import TRAIN_SPLITS, encode_in_batches, pixels, scenes
 from pipeline.models import flow, inpaint
 from pipeline.models.controlled import Controlled
 from pipeline.models.mapping import TEACHER_CONVENTION
 from pipeline.models.student import controlnet_from_backbone
-from pipeline.models.world import encode_prompts, load_foundation
+from pipeline.models.world import drop_prompts, encode_prompts, load_foundation
 from pipeline.runtime import dtype_for
 from pipeline.training import Loop, save_atomic
 

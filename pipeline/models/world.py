@@ -27,6 +27,7 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokeni
 from pipeline.config import Config
 
 LATENT_CHANNELS = 16  # SD3's; the tiny VAE is built with it, the rest reads it from the VAE's config
+EXTRA_CONDITIONING_CHANNELS = 1  # an inpainting ControlNet's control input: the latents + 1 mask channel
 
 
 def build_vae(cfg: Config) -> AutoencoderKL:
@@ -166,6 +167,25 @@ def encode_prompts(text_pipe: StableDiffusion3Pipeline, prompts: list[str], max_
     return embeds, pooled
 
 
+def empty_prompt(text_pipe: StableDiffusion3Pipeline, max_sequence_length: int) -> dict[str, torch.Tensor]:
+    """The empty prompt "" embedded by ``encode_prompts`` (T5 when the pipe has it): what the stock pipeline's
+    classifier-free guidance uses as its negative prompt, and what ``drop_prompts`` substitutes.
+    {"prompt_embeds": (T, D), "pooled_prompt_embeds": (P,)}, on the text encoders' device."""
+    embeds, pooled = encode_prompts(text_pipe, [""], max_sequence_length)
+    return {"prompt_embeds": embeds[0], "pooled_prompt_embeds": pooled[0]}
+
+
+def drop_prompts(batch: dict, p: float, generator: torch.Generator, empty: dict) -> tuple:
+    """Replace prompts by the empty prompt with probability p (classifier-free guidance training)."""
+    embeds, pooled = batch["prompt_embeds"], batch["pooled_prompt_embeds"]
+    if p <= 0:
+        return embeds, pooled
+    drop = (torch.rand(len(embeds), generator=generator) < p).to(embeds.device)
+    embeds = torch.where(drop[:, None, None], empty["prompt_embeds"].to(embeds), embeds)
+    pooled = torch.where(drop[:, None], empty["pooled_prompt_embeds"].to(pooled), pooled)
+    return embeds, pooled
+
+
 def _dtype(dtype: torch.dtype | str) -> torch.dtype:
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
@@ -196,9 +216,15 @@ def load_foundation(path, dtype: torch.dtype | str = torch.float32, with_t5: boo
 
 def load_controlnet(path, dtype: torch.dtype | str = torch.float32, *,
                     device: torch.device | str | None = None) -> SD3ControlNetModel:
-    """A frozen ControlNet (teacher or student) from its folder, in ``dtype`` on ``device``."""
+    """A frozen ControlNet (teacher or student) from its folder, in ``dtype`` on ``device``.
+
+    ``extra_conditioning_channels=1`` (the control input's mask channel) is passed explicitly, as diffusers'
+    documentation loads the alimama teacher: every ControlNet here is an inpainting one, whatever its
+    config.json says or omits. That the weights agree is checked before (pretrained.check_teacher reads
+    pos_embed_input's 16 + 1 input channels from the safetensors header); a mismatch fails to load."""
     if not (Path(path) / "config.json").exists():
         raise FileNotFoundError(f"no ControlNet at {path} (config.json missing)")
-    cn = SD3ControlNetModel.from_pretrained(path, dtype=_dtype(dtype), use_safetensors=True)
+    cn = SD3ControlNetModel.from_pretrained(path, dtype=_dtype(dtype), use_safetensors=True,
+                                            extra_conditioning_channels=EXTRA_CONDITIONING_CHANNELS)
     cn = cn.eval().requires_grad_(False)
     return cn if device is None else cn.to(device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import unicodedata
 from pathlib import Path
 
 import pandas as pd
@@ -17,6 +18,31 @@ from pipeline.data.synthetic import SPLITS
 from pipeline.validation.gx import Check, run_gate
 
 
+
+
+CAPTION_OK = "ok"
+
+
+def caption_problem(text) -> str:
+    """``CAPTION_OK``, or why ``text`` is not a prompt a text encoder should get. A prompt is printable text
+    in any script -- letters with accents or umlauts, digits, quotes, ``?``, ``!``, symbols, single spaces --
+    as a VLM writes it; it may not be blank, nor hold a control or format character (line breaks and tabs
+    included), a surrogate, a private-use or unassigned code point, or U+FFFD (bytes that did not decode).
+    Length bounds are a separate check (gates.caption_min_chars / caption_max_chars); a missing prompt
+    (None/NaN) is the not-null checks' business and passes here."""
+    if text is None or (isinstance(text, float) and text != text):
+        return CAPTION_OK
+    if not isinstance(text, str):
+        return f"not text: {type(text).__name__}"
+    if not text.strip():
+        return "blank"
+    for ch in text:
+        cat = unicodedata.category(ch)
+        if ch == "\ufffd":
+            return "U+FFFD replacement character (undecodable bytes)"
+        if cat.startswith("C") or cat in ("Zl", "Zp"):
+            return f"{unicodedata.name(ch, 'control character')} (U+{ord(ch):04X}, category {cat})"
+    return CAPTION_OK
 
 
 def _sha(path: str) -> str | None:
@@ -58,6 +84,8 @@ def captions_gate(captions: str | Path, manifest: str | Path, cfg: GatesConfig,
     man = load_manifest(manifest, resolve=False)
     cap["in_manifest"] = cap["id"].isin(set(man["id"]))
     cap["local_differs_from_global"] = cap["global_prompt"].isna() | (cap["local_prompt"] != cap["global_prompt"])
+    for col in ("local_prompt", "global_prompt"):
+        cap[f"{col}_check"] = cap[col].map(caption_problem)
     c = "captions"
     checks = [
         Check(c, "ExpectTableRowCountToEqual", {"value": len(man)}, "one caption per manifest row"),
@@ -72,8 +100,8 @@ def captions_gate(captions: str | Path, manifest: str | Path, cfg: GatesConfig,
             Check(c, "ExpectColumnValueLengthsToBeBetween",
                   {"column": col, "min_value": cfg.caption_min_chars, "max_value": cfg.caption_max_chars},
                   "length bounds (chars)"),
-            Check(c, "ExpectColumnValuesToMatchRegex", {"column": col, "regex": cfg.caption_allowed},
-                  "allowed characters"),
+            Check(c, "ExpectColumnValuesToBeInSet", {"column": f"{col}_check", "value_set": [CAPTION_OK]},
+                  "printable text: no control characters, line breaks or undecodable bytes; not blank"),
         ]
     if cfg.require_global:
         checks.append(Check(c, "ExpectColumnValuesToNotBeNull", {"column": "global_prompt"}, "global prompt"))
