@@ -141,7 +141,6 @@ class GatesConfig(_Strict):
     caption_min_chars: int = Field(..., ge=1)
     caption_max_chars: int = Field(..., ge=1)
     require_global: bool
-    latent_channels: int = Field(..., ge=1)
 
 
 # ------------------------------------------------------------------------------------------ world

@@ -117,7 +117,7 @@ STAGES = [
                                     P.GATES / "captions.json"],
           params=["data.image_size", "text.max_sequence_length", *_RUNTIME, *_VAE_RUNTIME, "runtime.encode_batch_size"],
           outs=[P.ENCODED], metrics=[P.ENCODE_METRICS]),
-    Stage("validate_encoded", "validate_encoded", deps=[P.ENCODED, P.TRIPLETS], params=["gates.latent_channels"],
+    Stage("validate_encoded", "validate_encoded", deps=[P.ENCODED, P.TRIPLETS, P.BACKBONE],
           outs=[(P.GATES / "encoded.md", NOCACHE)], metrics=[P.GATES / "encoded.json"]),
     Stage("encode_benchmark", "encode_benchmark",
           deps=[P.ENCODED, P.BACKBONE, P.TEACHER, P.TRIPLETS, P.CAPTIONS],
