@@ -260,3 +260,16 @@ def test_profile_applied_and_unknown_profile_named(tmp_path):
     assert record["profile"] == "smoke" and "distill.stage1.train.steps" in record["params_diff_vs_head"]
     with pytest.raises(ValueError, match=r"profile 'nope'.*known profiles: \['default', 'smoke'\]"):
         flows.apply_parameters(root, "nope")
+
+
+def test_a_bad_value_in_any_section_fails_before_any_stage_runs(tmp_path):
+    from pipeline.config import ConfigError
+
+    root = _make_project(tmp_path / "p")
+    with pytest.raises(ConfigError, match=r"ablations\.stage1_steps: Input should be greater than or equal to 1"):
+        flows.apply_parameters(root, None, {"ablations.stage1_steps": -5})
+    assert yaml.safe_load((root / "params.yaml").read_text())["ablations"]["stage1_steps"] == 30   # put back
+    (root / "params.yaml").write_text((root / "params.yaml").read_text().replace("stage1_steps: 30", "stage1_steps: -5"))
+    with pytest.raises(ConfigError, match=r"ablations\.stage1_steps"):
+        flows.apply_parameters(root)          # no profile, no overrides: the workspace's file is checked too
+    assert not (root / "data/x.txt").exists()

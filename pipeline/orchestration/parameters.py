@@ -10,7 +10,8 @@ from typing import Any
 
 from prefect.artifacts import create_markdown_artifact
 
-from pipeline.config import load
+from pipeline.atomic import write_file
+from pipeline.config import ConfigError, load
 from pipeline.orchestration.stages import DVC, command_env
 from pipeline.profile import apply_profile, update_params
 
@@ -33,12 +34,18 @@ def apply_parameters(workspace: str | Path = ".", profile: str | None = None,
     workspace's params.yaml (comments kept); validate; return a record of what was applied."""
     root = Path(workspace)
     params = root / "params.yaml"
-    if profile:
-        apply_profile(profile, root)       # the workspace's configs/PROFILE.yaml, as `pipeline.profile use`
-    if overrides:
-        update_params(params, _nested(overrides))
-    if params.exists():
-        load(params)   # every section, every variant: a bad value fails here, naming the key, before any stage runs
+    before = params.read_text() if params.exists() else None
+    try:
+        if profile:
+            apply_profile(profile, root)   # the workspace's configs/PROFILE.yaml, as `pipeline.profile use`
+        if overrides:
+            update_params(params, _nested(overrides))
+        if params.exists():
+            load(params)   # every section, every variant: a bad value fails here, naming the key, before any stage runs
+    except ConfigError:
+        if before is not None:
+            write_file(params, before)     # nothing half-applied is left in the workspace
+        raise
     diff = subprocess.run([*DVC, "params", "diff", "--md"], cwd=str(root), env=command_env(),
                           capture_output=True, text=True)
     return {"workspace": str(root.resolve()), "profile": profile, "overrides": overrides or {},
