@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from pipeline.config import TrainLoop
 from pipeline.training import Loop, _hash_tensor
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.params import REPO  # noqa: E402
 
 
 def tiny_model(seed=0):

@@ -20,7 +20,7 @@ import yaml
 from pipeline.models import standins
 from pipeline.models.standins import build_teacher, hub_cache_layout, transformer_kwargs
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.params import REPO as ROOT  # noqa: E402
 
 
 def sd3_raw(**overrides) -> dict:

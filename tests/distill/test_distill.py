@@ -18,6 +18,7 @@ from pipeline.models.student import controlnet_from_backbone
 from pipeline.models.world import load_foundation
 from pipeline.training import NonFiniteLoss
 from tests.conftest import micro_config
+from tests.params import REPO
 
 
 def run(world, stage, out, ck, cfg=None, init=None, **kw):
@@ -146,11 +147,11 @@ def test_two_processes_train_as_one(micro_world, tmp_path):
     fails at step 2 if a trainable parameter gets no gradient (the last ControlNet block's text stream):
     Loop freezes those. The replicas end equal, and equal to 1 process with 2 accumulation rounds over the
     same global batch (same samples, same noise per micro-batch) up to float summation order."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     out = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "tests.ddp_stage1", str(micro_world["root"]), str(tmp_path / "ddp")],
-        cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True, timeout=300)
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     ranks = [json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["num_processes"] for r in ranks] == [2, 2] and ranks[0]["distributed_type"] == "MULTI_CPU"
