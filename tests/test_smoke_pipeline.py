@@ -108,8 +108,9 @@ def test_documented_sweep_runs_as_a_dvc_experiment(smoke):
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@localhost"]
     subprocess.run([*git, "add", "-A"], cwd=ws, check=True)
     subprocess.run([*git, "commit", "-q", "-m", "smoke run"], cwd=ws, check=True)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # stages' python
     run = subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "-S", "distill.stage1.train.steps=8",
-                          "-n", "steps8"], cwd=ws, capture_output=True, text=True)
+                          "-n", "steps8"], cwd=ws, capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     cfg = load(ws / "params.yaml")
     assert cfg.distill.stage1.train.steps == 8 and cfg.distill.mixed_precision == "fp32"
