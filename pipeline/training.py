@@ -223,6 +223,7 @@ class Loop:
                    disable=not acc.is_local_main_process)
         per_step = self.train.batch_size * accum  # global samples per optimizer step
         t0, last = time.perf_counter(), info.get("last", {})
+        trained_before = info.get("seconds", 0.0)  # by the sessions before this one
         model.train()
         for step in bar:
             order = batch_indices(n, per_step, self.seed, step)
@@ -252,7 +253,7 @@ class Loop:
             if done % self.checkpoint_every == 0 or done == end:
                 # Figures over every session that trained these weights, stored so that a rerun that
                 # finds the run finished returns them instead of a zero-step session's.
-                seconds = info.get("seconds", 0.0) + time.perf_counter() - t0
+                seconds = trained_before + time.perf_counter() - t0
                 info = {"step": done, "seconds": seconds, "samples_per_s": done * per_step / max(seconds, 1e-9),
                         "last": last}
                 _save(acc, self.checkpoint_dir, info, self.keep_checkpoints)

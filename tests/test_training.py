@@ -287,3 +287,14 @@ def test_key_changes_with_the_project_code(monkeypatch):
     real = Path.read_bytes
     monkeypatch.setattr(Path, "read_bytes", lambda p: real(p) + (b"# edited" if p == src.resolve() else b""))
     assert training.code_digest() != before
+
+
+def test_reported_seconds_are_the_time_spent_training(tmp_path):
+    """Each checkpoint stores the seconds trained so far: saving several must not count the same time twice."""
+    import time
+
+    lp = loop(tmp_path / "ck", steps=8, checkpoint_every=1)
+    t0 = time.perf_counter()
+    result = lp.run()
+    wall = time.perf_counter() - t0
+    assert 0 < result.seconds <= wall
