@@ -191,38 +191,33 @@ def _edit_json(path: Path, **changes):
     path.write_text(json.dumps(data))
 
 
-@pytest.mark.parametrize("rel,changes,needle", [
-    ("config.json", {"num_layers": 12}, "config.json: num_layers is 12, expected 23 (teacher.num_layers)"),
-    ("config.json", {"extra_conditioning_channels": 0}, "extra_conditioning_channels is 0, expected 1"),
-    ("config.json", {"joint_attention_dim": 64}, "joint_attention_dim is 64, expected 32"),
+TEACHER_REPO = "teacher (alimama-creative/SD3-Controlnet-Inpainting@main)"
+SD3_REPO = "stabilityai/stable-diffusion-3-medium-diffusers"
+
+
+@pytest.mark.parametrize("model,rel,changes,needle,repo", [
+    ("teacher", "config.json", {"num_layers": 12}, "config.json: num_layers is 12, expected 23 (teacher.num_layers)",
+     TEACHER_REPO),
+    ("teacher", "config.json", {"extra_conditioning_channels": 0}, "extra_conditioning_channels is 0, expected 1",
+     TEACHER_REPO),
+    ("teacher", "config.json", {"joint_attention_dim": 64}, "joint_attention_dim is 64, expected 32", TEACHER_REPO),
+    ("foundation", "vae/config.json", {"shift_factor": None}, "vae/config.json: shift_factor is missing", SD3_REPO),
+    ("foundation", "vae/config.json", {"latent_channels": 4}, "latent_channels is 4, expected 16", SD3_REPO),
+    ("foundation", "transformer/config.json", {"num_layers": 18},
+     "num_layers is 18, expected 24 (backbone.num_layers)", SD3_REPO),
+    ("foundation", "text_encoder_3/config.json", {"d_model": 64}, "d_model is 64, expected 32", SD3_REPO),
+    ("foundation", "model_index.json", {"text_encoder_3": [None, None]},
+     "components ['text_encoder_3'] are missing", SD3_REPO),
 ])
-def test_mismatched_teacher_names_model_path_and_key(tiny, tmp_path, rel, changes, needle):
+def test_mismatched_model_names_model_path_and_key(tiny, tmp_path, model, rel, changes, needle, repo):
     from pipeline.models.pretrained import ModelError, preflight
 
-    bad = _copy(tiny["teacher"], tmp_path / "teacher")
+    bad = _copy(tiny[model], tmp_path / model)
     _edit_json(bad / rel, **changes)
     with pytest.raises(ModelError) as exc:
-        preflight(tiny_cfg(tiny, world={"teacher": {"local_dir": str(bad)}}))
+        preflight(tiny_cfg(tiny, world={model: {"local_dir": str(bad)}}))
     msg = str(exc.value)
-    assert needle in msg and "teacher (alimama-creative/SD3-Controlnet-Inpainting@main)" in msg and str(bad) in msg
-
-
-@pytest.mark.parametrize("rel,changes,needle", [
-    ("vae/config.json", {"shift_factor": None}, "vae/config.json: shift_factor is missing"),
-    ("vae/config.json", {"latent_channels": 4}, "latent_channels is 4, expected 16"),
-    ("transformer/config.json", {"num_layers": 18}, "num_layers is 18, expected 24 (backbone.num_layers)"),
-    ("text_encoder_3/config.json", {"d_model": 64}, "d_model is 64, expected 32"),
-    ("model_index.json", {"text_encoder_3": [None, None]}, "components ['text_encoder_3'] are missing"),
-])
-def test_mismatched_foundation_names_model_path_and_key(tiny, tmp_path, rel, changes, needle):
-    from pipeline.models.pretrained import ModelError, preflight
-
-    bad = _copy(tiny["foundation"], tmp_path / "sd3")
-    _edit_json(bad / rel, **changes)
-    with pytest.raises(ModelError) as exc:
-        preflight(tiny_cfg(tiny, world={"foundation": {"local_dir": str(bad)}}))
-    msg = str(exc.value)
-    assert needle in msg and "stabilityai/stable-diffusion-3-medium-diffusers" in msg and str(bad) in msg
+    assert needle in msg and repo in msg and str(bad) in msg
 
 
 def test_weights_that_contradict_the_config_are_caught(tiny, tmp_path):
