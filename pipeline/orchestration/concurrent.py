@@ -1,0 +1,315 @@
+"""Independent DVC stages run at the same time, within a budget of CPU threads, then recorded with
+``dvc commit`` -- what ``dvc repro`` (one stage after another) leaves, in less wall time.
+
+* The DAG comes from :func:`.dag.dvc_stages`. A stage is *ready* once every selected stage it depends on
+  has finished. Newly ready stages are asked about together (one ``dvc status --json <stages>``, under
+  :func:`.stages.dvc_lock`); the up-to-date ones finish at once ("didn't change, skipping").
+* The others are launched as soon as threads are free: ``jobs`` threads in all (``--jobs N``,
+  ``flows.jobs``, default ``os.cpu_count()``). A stage launched alone gets every free thread; stages ready
+  together split the free threads (at least one each, the earlier in DAG order taking the remainder); when
+  no thread is free they wait -- the budget is never oversubscribed. A stage's threads are set in its
+  command's environment (:data:`THREAD_VARS`: OpenMP/MKL/BLAS pools, which torch's intra-op pool follows).
+* Each stage runs as :func:`concurrent_stage_task`: through :func:`.stages.run_outside_repro`, i.e. its
+  outputs removed as ``dvc repro`` removes them, its ``cmd`` (as dvc.yaml says, matrix items resolved) in
+  the workspace, then ``dvc commit --force <stage>``; the DVC calls one at a time under the lock, the
+  commands side by side. Output goes to the task's log and to ``.dvc/tmp/concurrent/<stage>.log``.
+* Stages listed in ``flows.sharded`` or run under ``accelerate launch`` use every core / device of their
+  own: they run *exclusively* (when nothing else runs; nothing is launched beside them), exactly as the
+  sequential flow runs them (:func:`run_stage`).
+* A failure raises the stage's :class:`.stages.StageFailed` (naming it, with its output's tail) after the
+  stages still running have finished (and been committed); no stage is launched after a failure.
+
+:func:`run_concurrently` is the scheduler (any ``submit``: Prefect tasks, or plain futures in tests);
+:func:`concurrent_flow` runs it as a Prefect flow whose tasks go to a ThreadPoolTaskRunner(max_workers=jobs),
+or to prefect-dask's DaskTaskRunner when ``flows.dask_address`` is set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from pipeline.orchestration.dag import Stage, dvc_stages, stage_matches
+from pipeline.orchestration.settings import FlowSettings
+from pipeline.orchestration.shards import dask_task_runner, run_sharded_stage
+from pipeline.orchestration.stages import (
+    DVC,
+    _gate_mtimes,
+    _retry_transient,
+    accelerate_command,
+    command_env,
+    dvc_lock,
+    dvc_stage_is_current,
+    dvc_stage_task,
+    launched_stage_task,
+    run_logger,
+    run_outside_repro,
+    stage_failure,
+    stream_command,
+)
+
+LOG_DIR = Path(".dvc") / "tmp" / "concurrent"
+# Thread pools a stage command may start: OpenMP (torch's intra-op pool follows OMP_NUM_THREADS), MKL,
+# OpenBLAS, numexpr, Accelerate, rayon (tokenizers, polars).
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
+               "NUMEXPR_MAX_THREADS", "VECLIB_MAXIMUM_THREADS", "RAYON_NUM_THREADS")
+
+
+def default_jobs(jobs: int | None = None, settings: FlowSettings | None = None) -> int:
+    """``jobs``, else ``flows.jobs``, else the number of CPUs."""
+    value = jobs or getattr(settings, "jobs", None) or os.cpu_count() or 1
+    if value < 1:
+        raise ValueError(f"jobs must be >= 1, got {value}")
+    return int(value)
+
+
+def thread_env(threads: int) -> dict[str, str]:
+    """The environment variables that size a command's thread pools to ``threads``."""
+    return {var: str(threads) for var in THREAD_VARS}
+
+
+def allot(free: int, ready: int) -> list[int]:
+    """Threads for each of ``min(ready, free)`` stages launched now out of ``free``: all of them to a lone
+    stage, else an even split (at least one each; the earlier stages take the remainder)."""
+    n = min(ready, free)
+    if n <= 0:
+        return []
+    base, extra = divmod(free, n)
+    return [base + (i < extra) for i in range(n)]
+
+
+def stage_log(workspace: str | Path, stage: str) -> Path:
+    """Where a stage's output is written: ``.dvc/tmp/concurrent/<stage>.log`` (``/``, ``:`` -> ``_``)."""
+    return Path(workspace) / LOG_DIR / (re.sub(r"[^\w@.+-]", "_", stage) + ".log")
+
+
+def changed_stages(stages: Iterable[str], workspace: str | Path) -> set[str]:
+    """The stages among ``stages`` that DVC does not report up to date (one ``dvc status --json``); when
+    that call fails, each stage is asked on its own (:func:`.stages.dvc_stage_is_current`)."""
+    stages = list(stages)
+    if not stages:
+        return set()
+    proc = subprocess.run([*DVC, "status", "--json", *stages], cwd=str(workspace), env=command_env(),
+                          capture_output=True, text=True)
+    try:
+        if proc.returncode:
+            raise ValueError(proc.stderr)
+        status = json.loads(proc.stdout or "{}")
+        return {s for s in stages if s in status}
+    except ValueError:
+        return {s for s in stages if not dvc_stage_is_current(s, workspace)}
+
+
+class _Tee:
+    """A logger-like sink: each line to the run's logger and to a file."""
+
+    def __init__(self, log, fh):
+        self.log, self.fh = log, fh
+
+    def info(self, msg, *args):
+        self.log.info(msg, *args)
+        self.fh.write((msg % args if args else msg) + "\n")
+        self.fh.flush()
+
+
+def run_stage_command(stage: str, cmd: str, workspace: str | Path, threads: int, *, check: bool = True,
+                      no_retry: Iterable[str] = ()) -> dict:
+    """Run one stage outside ``dvc repro`` with ``threads`` threads (see the module's doc); raises
+    StageFailed / GateFailed / NotRetried like ``dvc repro --single-item``."""
+    workspace = Path(workspace).resolve()
+    log = run_logger()
+    path = stage_log(workspace, stage)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    timing: dict[str, float] = {}
+
+    def run() -> None:
+        before = _gate_mtimes(workspace)
+        log.info("$ %s  (in %s, %d thread%s; log %s)", cmd, workspace, threads, "s"[:threads > 1], path)
+        start = time.monotonic()
+        with path.open("w") as fh:
+            fh.write(f"$ {cmd}\n# {threads} threads\n")
+            rc, tail = stream_command(cmd, workspace, _Tee(log, fh), env=thread_env(threads))
+        timing["seconds"] = round(time.monotonic() - start, 3)
+        if rc:
+            raise stage_failure(stage, f"DVC stage '{stage}' failed (its command exited with {rc})", tail, rc,
+                                workspace, before, no_retry)
+
+    result = run_outside_repro(stage, workspace, run, check=check)
+    return {**result, "threads": threads, **timing, **({} if result["skipped"] else {"log": str(path)})}
+
+
+@task(name="dvc-stage-concurrent", task_run_name="{stage}", cache_policy=NO_CACHE,
+      retry_condition_fn=_retry_transient)
+def concurrent_stage_task(stage: str, cmd: str, workspace: str, threads: int, check: bool = True,
+                          no_retry: list[str] | None = None) -> dict:
+    """One stage run beside others (:func:`run_stage_command`) as a Prefect task."""
+    return run_stage_command(stage, cmd, workspace, threads, check=check, no_retry=no_retry or ())
+
+
+# ----------------------------------------------------------------------------- sequential dispatch
+
+
+def is_exclusive(stage: Stage, settings: FlowSettings) -> bool:
+    """Sharded stages and stages run under ``accelerate launch`` (every core / device of their own)."""
+    return stage.address in settings.sharded or bool(
+        settings.accelerate_config and any(stage_matches(stage, g) for g in settings.accelerate_stages))
+
+
+def run_stage(stage: Stage, workspace: str, settings: FlowSettings, force: bool = False) -> dict:
+    """One stage, run inside a flow the way the sequential flow runs it: sharded through Dask
+    (``flows.sharded``), under ``accelerate launch`` (``flows.accelerate_*``), else
+    ``dvc repro --single-item`` as a task."""
+    retry = {"retries": settings.retries, "retry_delay_seconds": settings.retry_delay_seconds}
+    if stage.address in settings.sharded:
+        return run_sharded_stage(stage.address, settings.sharded[stage.address], workspace, settings)
+    if is_exclusive(stage, settings):
+        cmd = accelerate_command(stage.cmd, settings.accelerate_config)
+        return launched_stage_task.with_options(**retry)(stage.address, cmd, workspace)
+    return dvc_stage_task.with_options(**retry)(stage.address, workspace, force, settings.no_retry_stages)
+
+
+# ----------------------------------------------------------------------------- the scheduler
+
+
+def run_concurrently(
+    stages: list[Stage],
+    workspace: str | Path,
+    jobs: int,
+    submit: Callable[[Stage, int], Any],
+    *,
+    force: bool = False,
+    exclusive: Callable[[Stage], bool] = lambda s: False,
+    run_exclusive: Callable[[Stage], dict] | None = None,
+) -> list[dict]:
+    """Run ``stages`` (DAG order) as their upstream stages finish, within ``jobs`` threads.
+
+    ``submit(stage, threads)`` starts one stage known to be out of date (or forced) and returns a future
+    (``add_done_callback``, ``result``). Stages for which ``exclusive`` is true are run
+    by ``run_exclusive(stage)`` in this thread, alone. Returns the stages' results in DAG order; raises the
+    first failure once the running stages have finished."""
+    log = run_logger()
+    workspace = Path(workspace)
+    selected = {s.address for s in stages}
+    pending = list(stages)
+    finished: dict[str, dict] = {}
+    to_run: set[str] = set()         # asked: not up to date (or forced)
+    running: dict[str, tuple[Any, int]] = {}
+    done: queue.Queue[str] = queue.Queue()
+    free = jobs
+    failure: BaseException | None = None
+    failed: list[str] = []
+
+    def ready() -> list[Stage]:
+        return [s for s in pending if all(u in finished or u not in selected for u in s.upstream)]
+
+    def finish(address: str, result: dict) -> None:
+        finished[address] = result
+        pending[:] = [s for s in pending if s.address != address]
+
+    while running or (pending and failure is None):
+        if failure is None:
+            # which of the ready stages need to run? (up-to-date ones finish now, which may ready others)
+            while True:
+                new = [s.address for s in ready() if s.address not in to_run]
+                if not new:
+                    break
+                if force:
+                    to_run.update(new)
+                    break
+                with dvc_lock(workspace):
+                    changed = changed_stages(new, workspace)
+                to_run.update(changed)
+                for address in new:
+                    if address not in changed:
+                        log.info("Stage '%s' didn't change, skipping", address)
+                        finish(address, {"stage": address, "skipped": True})
+            runnable = [s for s in ready() if s.address in to_run and s.address not in running]
+            lone = [s for s in runnable if exclusive(s)]
+            if lone and not running:
+                stage = lone[0]
+                log.info("running '%s' alone (sharded / accelerate launch)", stage.address)
+                try:
+                    finish(stage.address, run_exclusive(stage))
+                except BaseException as exc:       # noqa: BLE001 -- reported below, after the others
+                    failure, failed = exc, [stage.address]
+                continue
+            if not lone and runnable and free:
+                shares = allot(free, len(runnable))
+                for stage, threads in zip(runnable, shares):
+                    log.info("launching '%s' with %d of %d threads (%d running)", stage.address, threads,
+                             jobs, len(running))
+                    future = submit(stage, threads)
+                    running[stage.address] = (future, threads)
+                    future.add_done_callback(lambda _f, a=stage.address: done.put(a))
+                    free -= threads
+        if not running:
+            if pending and failure is None:
+                raise RuntimeError("no DVC stage can start: " + ", ".join(s.address for s in pending))
+            break
+        address = done.get()
+        future, threads = running.pop(address)
+        free += threads
+        try:
+            finish(address, future.result())
+        except BaseException as exc:               # noqa: BLE001
+            failed.append(address)
+            if failure is None:
+                failure = exc
+                if running:
+                    log.error("stage '%s' failed; waiting for %s to finish, launching nothing more",
+                              address, ", ".join(running))
+            else:
+                log.error("stage '%s' failed too: %s", address, exc)
+    if failure is not None:
+        raise failure
+    return [finished[s.address] for s in stages if s.address in finished]
+
+
+@flow(name="refine-control-concurrent", log_prints=True)
+def concurrent_flow(workspace: str, stages: list[str], jobs: int, force: bool = False) -> list[dict]:
+    """The stages ``stages`` (addresses; the DAG between them from DVC) run side by side within ``jobs``
+    threads; the flow's task runner runs :func:`concurrent_stage_task`."""
+    from pipeline.orchestration.settings import flow_settings
+
+    settings = flow_settings(workspace)
+    wanted = set(stages)
+    chosen = [s for s in dvc_stages(workspace) if s.address in wanted]
+    if len(chosen) != len(wanted):
+        raise ValueError(f"not DVC stages of {workspace}: {sorted(wanted - {s.address for s in chosen})}")
+    stage_task = concurrent_stage_task.with_options(retries=settings.retries,
+                                                    retry_delay_seconds=settings.retry_delay_seconds)
+
+    def submit(stage: Stage, threads: int):   # the scheduler asked DVC already: no second status call
+        return stage_task.submit(stage.address, stage.cmd, workspace, threads, False, settings.no_retry_stages)
+
+    return run_concurrently(chosen, workspace, jobs, submit, force=force,
+                            exclusive=lambda s: is_exclusive(s, settings),
+                            run_exclusive=lambda s: run_stage(s, workspace, settings, force))
+
+
+def task_runner(jobs: int, settings: FlowSettings):
+    """ThreadPoolTaskRunner(max_workers=jobs), or DaskTaskRunner on ``flows.dask_address`` when set."""
+    if settings.dask_address:
+        return dask_task_runner(settings.dask_address)
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    return ThreadPoolTaskRunner(max_workers=jobs)
+
+
+def run_stages(stages: list[Stage], workspace: str, settings: FlowSettings, jobs: int,
+               force: bool = False) -> list[dict]:
+    """Run ``stages`` (call inside a flow): concurrently through :func:`concurrent_flow` when ``jobs`` > 1,
+    else one after another as before (``dvc repro --single-item``, sharded, accelerate)."""
+    if jobs <= 1:
+        return [run_stage(stage, workspace, settings, force) for stage in stages]
+    flow_ = concurrent_flow.with_options(task_runner=task_runner(jobs, settings))
+    return flow_(workspace, [s.address for s in stages], jobs, force)
