@@ -1,16 +1,22 @@
 # refine-control: `make run` (default profile), `make smoke` (smoke profile, own workspace), `make test`.
+# `make run` runs the stages with no path between them side by side within JOBS CPU threads (default: the
+# CPU count, or flows.jobs in params.yaml) and records each with `dvc commit`: dvc.lock ends as `dvc repro`
+# (the sequential equivalent, `make run-sequential`) leaves it. WALL_TIME=FILE writes the run's wall time
+# and each stage's threads and seconds.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SMOKE  ?= .smoke
 SMOKE_SD3 ?= .smoke-sd3
+JOBS   ?=
+WALL_TIME ?= .dvc/tmp/concurrent/wall_time.json
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export GX_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install run smoke smoke-sd3 test test-fast dag clean-smoke
+.PHONY: install run run-sequential smoke smoke-sd3 test test-fast dag clean-smoke
 
 install: $(STAMP)
 
@@ -23,7 +29,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-run: install              ## the default profile: the whole DAG (dvc repro)
+run: install              ## the default profile: the whole DAG, independent stages side by side (JOBS threads)
+	$(PY) -m pipeline.flows run full $(if $(JOBS),--jobs $(JOBS)) $(if $(WALL_TIME),--wall-time $(WALL_TIME))
+
+run-sequential: install   ## the same, one stage at a time (plain dvc repro)
 	dvc repro
 
 smoke: install            ## the whole DAG on the smoke profile, in $(SMOKE)/ (default outputs untouched)

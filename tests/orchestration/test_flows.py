@@ -167,8 +167,11 @@ def test_helpers(tmp_path):
 
 
 def test_full_flow_runs_dag_in_order_with_artifacts(harness, project):
-    results = flows.pipeline_flow(str(project), overrides={"distill.stage1.train.steps": 6})
+    results = flows.pipeline_flow(str(project), overrides={"distill.stage1.train.steps": 6}, jobs=2)
     assert [r["stage"] for r in results] == ["prepare", "train", "validate_data", "report"]
+    assert [r["threads"] for r in results] == [2, 1, 1, 2]     # train and validate_data side by side
+    status = subprocess.run([PY, "-m", "dvc", "status", "--json"], cwd=project, capture_output=True, text=True)
+    assert json.loads(status.stdout or "{}") == {}             # all recorded in dvc.lock
     assert json.loads((project / "metrics/train.json").read_text())["score"] == 3.0   # override applied
     assert "# tiny project" in (project / "params.yaml").read_text()                    # comments kept
     assert yaml.safe_load((project / "params.yaml").read_text())["distill"]["stage1"]["train"]["steps"] == 6
@@ -227,9 +230,10 @@ def test_retry_only_transient_failures():
     assert not retry(None, None, Failed(data=flows.NotRetried("validate_captions", "failed")))
 
 
-def test_transient_failure_is_retried(harness, project):
+@pytest.mark.parametrize("jobs", [1, 2])   # dvc repro --single-item; the concurrent flow's task
+def test_transient_failure_is_retried(harness, project, jobs):
     toy(project, flaky=True)
-    results = flows.pipeline_flow(str(project), targets=["prepare"],
+    results = flows.pipeline_flow(str(project), targets=["prepare"], jobs=jobs,
                                   overrides={"flows": {"retries": 1, "retry_delay_seconds": 0}})
     assert [r["stage"] for r in results] == ["prepare"]
     assert (project / ".tried").exists() and (project / "data/x.txt").read_text() == "x"
