@@ -142,3 +142,19 @@ def test_failing_stage_raises_naming_it_and_others_are_committed(project):
     assert "w@a" in locked and "w@b" not in locked and "c" not in locked   # a ran to the end, committed
     assert json.loads(_dvc(project, "status", "--json", "w@a").stdout or "{}") == {}
     assert not (project / "rec/c.json").exists()                       # nothing launched after the failure
+
+
+def test_wall_time_record(tmp_path):
+    from pipeline.flows import timed_run
+
+    class Flow:
+        name = "toy-flow"
+
+        def __call__(self, **kw):
+            return [{"stage": "a", "skipped": False, "threads": 2, "seconds": 0.1}]
+
+    out = tmp_path / "t" / "wall.json"
+    timed_run(Flow(), {"workspace": str(tmp_path), "jobs": 3}, out)
+    record = json.loads(out.read_text())
+    assert record["flow"] == "toy-flow" and record["jobs"] == 3 and record["ok"]
+    assert record["wall_seconds"] >= 0 and record["stages"][0]["threads"] == 2
