@@ -4,6 +4,7 @@
 * :mod:`.settings`   -- the ``flows:`` section of params.yaml (FlowSettings, ShardSpec)
 * :mod:`.dag`        -- the stage DAG as DVC gives it, and sub-DAG selection
 * :mod:`.stages`     -- running one DVC stage (streamed output, failures, retries, accelerate launch)
+* :mod:`.concurrent` -- independent stages side by side within a thread budget, then ``dvc commit``
 * :mod:`.shards`     -- fanning a sharded command out through Dask and merging the shard folders
 * :mod:`.artifacts`  -- gate, metrics and report artifacts
 * :mod:`.parameters` -- profile and overrides applied to params.yaml, and their run artifact
