@@ -1,4 +1,5 @@
-"""DVC stage `caption`: data/triplets -> data/captions/captions.parquet (params: caption)."""
+"""DVC stage `caption`: data/triplets (+ models/pseudo_labeller for the unlabelled split) ->
+data/captions/captions.parquet (params: caption)."""
 
 import argparse
 import sys
@@ -18,7 +19,10 @@ def main(argv=None) -> int:
                     help="the captions file, or a folder to write captions.parquet into (what the flows' "
                          "sharded runs pass: --shard {shard} --out {out})")
     ap.add_argument("--shard", help="i/N: caption a deterministic subset (by id hash)")
-    ap.add_argument("--backend", choices=["annotations", "caption_noise", "qwen2_5_vl"])
+    ap.add_argument("--backend", choices=["annotations", "caption_noise", "qwen2_5_vl"],
+                    help="override caption.backend (every split but the unlabelled one)")
+    ap.add_argument("--pseudo-labeller", default=str(paths.PSEUDO_LABELLER),
+                    help="the model folder of caption.unlabelled_backend: pseudo_labeller")
     args = ap.parse_args(argv)
     try:
         cfg = load(args.params)
@@ -28,7 +32,8 @@ def main(argv=None) -> int:
         out = Path(args.out)
         if out.is_dir() or out.suffix != ".parquet":
             out = out / "captions.parquet"
-        df = caption_manifest(args.manifest, ccfg, out, parse_shard(args.shard))
+        df = caption_manifest(args.manifest, ccfg, out, parse_shard(args.shard),
+                                pseudo_labeller=args.pseudo_labeller)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"caption: {exc}", file=sys.stderr)
         return 2

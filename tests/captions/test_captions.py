@@ -22,17 +22,21 @@ def test_annotations_match_generator_for_all_splits(data):
     scenes = pd.read_parquet(data / "scenes/manifest.parquet")
     m = cap.merge(scenes, on="id", suffixes=("", "_scene"))
     assert len(m) == len(scenes) and set(cap["split"]) == {"labelled", "unlabelled", "val", "test"}
-    assert (m["local_prompt"] == m["local_prompt_scene"]).all()  # unlabelled included: prompts written here
+    # the unlabelled split is captioned by caption.unlabelled_backend (a model), every other from the annotations
+    m = m[m["split"] != "unlabelled"]
+    assert (m["local_prompt"] == m["local_prompt_scene"]).all()
     assert (m["global_prompt"] == m["global_prompt_scene"]).all()
-    assert (cap["caption_source"] == "annotations").all()
+    assert (m["caption_source"] == "annotations").all()
+    assert (cap.loc[cap["split"] == "unlabelled", "caption_source"] == "pseudo_labeller").all()
 
 
 def test_caption_noise(data, tmp_path):
     clean = pd.read_parquet(data / "captions/captions.parquet")
     cfg = config({"caption": dict(backend="caption_noise", noise_fraction=0.5, noise_seed=1,
                                   qwen={"cache_dir": str(tmp_path / "cache")})}).caption
-    a = caption_manifest(data / "triplets/manifest.parquet", cfg, tmp_path / "a.parquet", progress=False)
-    b = caption_manifest(data / "triplets/manifest.parquet", cfg, tmp_path / "b.parquet", progress=False)
+    kw = dict(progress=False, pseudo_labeller=data / "pseudo_labeller")
+    a = caption_manifest(data / "triplets/manifest.parquet", cfg, tmp_path / "a.parquet", **kw)
+    b = caption_manifest(data / "triplets/manifest.parquet", cfg, tmp_path / "b.parquet", **kw)
     pd.testing.assert_frame_equal(a, b)
     noisy = a["caption_source"] == "caption_noise"
     assert 0 < noisy.sum() < len(a)
@@ -47,7 +51,8 @@ def test_shard_union_equals_unsharded(data, tmp_path, monkeypatch):
     for i in range(3):
         out = tmp_path / f"c{i}.parquet"
         assert caption_main(["--params", str(REPO / "params.yaml"), "--manifest",
-                             str(data / "triplets/manifest.parquet"), "--out", str(out), "--shard", f"{i}/3"]) == 0
+                             str(data / "triplets/manifest.parquet"), "--out", str(out), "--shard", f"{i}/3",
+                             "--pseudo-labeller", str(data / "pseudo_labeller")]) == 0
         parts.append(pd.read_parquet(out))
     union = pd.concat(parts).sort_values("id").reset_index(drop=True)
     pd.testing.assert_frame_equal(union, full.sort_values("id").reset_index(drop=True))
@@ -60,7 +65,8 @@ def test_flows_sharded_caption_merges_to_the_unsharded_file(data, tmp_path, monk
     from pipeline.flows import merge_shards, shard_dir
 
     monkeypatch.chdir(tmp_path)
-    args = ["--params", str(REPO / "params.yaml"), "--manifest", str(data / "triplets/manifest.parquet")]
+    args = ["--params", str(REPO / "params.yaml"), "--manifest", str(data / "triplets/manifest.parquet"),
+            "--pseudo-labeller", str(data / "pseudo_labeller")]
     assert caption_main(args + ["--out", "full"]) == 0
     full = pd.read_parquet("full/captions.parquet")
     assert list(full["id"]) == sorted(full["id"])
@@ -116,7 +122,7 @@ def test_qwen_plumbing_cache_and_resume(data, tiny_qwen, tmp_path, monkeypatch):
     calls = []
     real = qwen.QwenCaptioner.caption_batch
     monkeypatch.setattr(qwen.QwenCaptioner, "caption_batch", lambda self, rows: calls.append(len(rows)) or real(self, rows))
-    cfg = config({"caption": {"backend": "qwen2_5_vl", "qwen": dict(
+    cfg = config({"caption": {"backend": "qwen2_5_vl", "unlabelled_backend": "qwen2_5_vl", "qwen": dict(
         model=str(tiny_qwen), vlm_image_size=56, batch_size=4, max_new_tokens=4, cache_dir=str(tmp_path / "cache"))}}
     ).caption
     qcfg = cfg.qwen
