@@ -173,13 +173,20 @@ class PseudoLabeller:
             # a scene has at least data.min_objects objects: a whole-image reading that finds none names the
             # likeliest group (else the global prompt would be a bare background, like a local one)
             empty = counts.sum(1) == 0
-            present = 1 - count.softmax(-1)[..., 0]
-            counts[empty, present[empty].argmax(-1)] = 1
+            counts[empty, (1 - count.softmax(-1)[..., 0])[empty].argmax(-1)] = 1
         layer = (first.softmax(-1) * torch.arange(first.shape[-1], device=first.device)).sum(-1)
+        present = 1 - count.softmax(-1)[..., 0]
         out = []
         for b in range(bg.shape[0]):
-            order = sorted(torch.nonzero(counts[b]).flatten().tolist(), key=lambda g: (layer[b, g].item(), g))
-            objects = [{"color": groups[g][0], "shape": groups[g][1]} for g in order for _ in range(int(counts[b, g]))]
+            # a scene holds at most data.max_objects objects: keep the surest groups up to that many (an
+            # undertrained model would otherwise name dozens)
+            kept, room = {}, self.vocab.max_objects
+            for g in sorted(torch.nonzero(counts[b]).flatten().tolist(), key=lambda g: -present[b, g].item()):
+                if room > 0:
+                    kept[g] = min(int(counts[b, g]), room)
+                    room -= kept[g]
+            order = sorted(kept, key=lambda g: (layer[b, g].item(), g))  # the grammar lists groups in layer order
+            objects = [{"color": groups[g][0], "shape": groups[g][1]} for g in order for _ in range(kept[g])]
             out.append(Reading(self.vocab.backgrounds[int(bg[b].argmax())], objects))
         return out
 

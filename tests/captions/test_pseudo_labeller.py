@@ -14,8 +14,8 @@ from pipeline.data.synthetic import generate_scenes
 from pipeline.data.triplets import build_triplets, load_input
 from tests.params import config, full
 
-SMALL = {"data": {"image_size": 16, "max_objects": 2, "splits": {"labelled": 256, "unlabelled": 8, "val": 64, "test": 4}},
-         "caption": {"pseudo_labeller": {"image_size": 16, "channels": [16, 32, 64], "epochs": 15, "batch_size": 32,
+SMALL = {"data": {"image_size": 16, "max_objects": 2, "splits": {"labelled": 512, "unlabelled": 8, "val": 64, "test": 4, "world": 4}},
+         "caption": {"pseudo_labeller": {"image_size": 16, "channels": [16, 32, 64], "epochs": 20, "batch_size": 32,
                                          "lr": 1.0e-2, "min_exact_match": None}}}
 
 
