@@ -35,7 +35,11 @@ COLORS = {
     "black": (20, 20, 20),
 }
 BACKGROUNDS = ("plain", "striped", "checkered", "dotted", "gradient")
+# The splits of the distillation data (triplets). The synthetic generator also renders WORLD_SPLIT: the
+# tiny world's own "pretraining" data (VAE, backbone, teacher), disjoint from all of these, as the data
+# Stability and alimama trained on is disjoint from a user's.
 SPLITS = ("labelled", "unlabelled", "val", "test")
+WORLD_SPLIT = "world"
 SHA = re.compile(r"^[0-9a-f]{40}$")
 
 
@@ -52,8 +56,9 @@ class _Strict(BaseModel):
 class Splits(_Strict):
     labelled: int = Field(..., ge=1, description="stage-1 pool: image, mask, local prompt")
     unlabelled: int = Field(..., ge=1, description="stage-2 pool: image and mask, no prompt")
-    val: int = Field(..., ge=1)
-    test: int = Field(..., ge=1)
+    val: int = Field(..., ge=1, description="gates and tuning")
+    test: int = Field(..., ge=1, description="reported numbers only")
+    world: int = Field(..., ge=1, description="trains the tiny world's VAE, backbone and teacher only")
 
 
 class DataConfig(_Strict):
@@ -125,11 +130,42 @@ class QwenConfig(_Strict):
     cache_dir: str
 
 
+class PseudoLabellerConfig(_Strict):
+    """pipeline/captions/pseudo_labeller.py: a small CNN, image + mask -> background and objects, trained on
+    the labelled split's annotations; it captions the unlabelled split in Qwen2.5-VL's role."""
+    image_size: int = Field(..., ge=8, description="side the images and masks are read at (resized)")
+    channels: tuple[int, ...] = Field(..., min_length=1, description="conv widths; each after the first halves the side")
+    epochs: int = Field(..., ge=1)
+    batch_size: int = Field(..., ge=1, description="labelled rows per step (each read locally and globally)")
+    lr: float = Field(..., gt=0)
+    weight_decay: float = Field(..., ge=0)
+    device: str = Field(..., pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="resolved by pipeline/runtime.py")
+    min_exact_match: float | None = Field(..., ge=0, le=1,
+                                          description="val local-prompt exact match the stage requires; null: report only")
+
+
+# Backends that write prompts from the ground truth: never for the unlabelled split (stage 2's premise).
+ANNOTATION_BACKENDS = ("annotations", "caption_noise")
+
+
 class CaptionConfig(_Strict):
-    backend: Literal["annotations", "caption_noise", "qwen2_5_vl"]
+    backend: Literal["annotations", "caption_noise", "qwen2_5_vl"] = Field(
+        ..., description="labelled, val and test splits")
+    unlabelled_backend: str = Field(..., description="the unlabelled split: pseudo_labeller | qwen2_5_vl")
     noise_fraction: float = Field(..., ge=0, le=1, description="caption_noise: share of wrong local prompts")
     noise_seed: int
     qwen: QwenConfig
+    pseudo_labeller: PseudoLabellerConfig
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.unlabelled_backend in ANNOTATION_BACKENDS:
+            raise ValueError(f"caption.unlabelled_backend: {self.unlabelled_backend!r} reads the ground-truth "
+                             "annotations, which the unlabelled split must not see; use pseudo_labeller or qwen2_5_vl")
+        if self.unlabelled_backend not in ("pseudo_labeller", "qwen2_5_vl"):
+            raise ValueError(f"caption.unlabelled_backend: unknown {self.unlabelled_backend!r}; "
+                             "allowed: pseudo_labeller, qwen2_5_vl")
+        return self
 
 
 class GatesConfig(_Strict):
@@ -260,6 +296,24 @@ class StageConfig(_Strict):
     prompt: Literal["local", "global"]
 
 
+class Stage2Config(StageConfig):
+    # Two readings of the paper's stage 2. image: noise the unlabelled image's latent (the forward process;
+    # the image's content reaches the student only through the noisy latent). teacher: points on the
+    # teacher's own sampling trajectory from pure noise given the masked image and the pseudo prompt
+    # (data/trajectories, params `trajectories`): nothing of the hole's content is used.
+    noisy: Literal["image", "teacher"]
+
+
+class TrajectoriesConfig(_Strict):
+    """The `trajectories` stage: the teacher samples each unlabelled row from noise (the evaluation sampler)
+    and keeps ``points_per_image`` of its intermediate latents (x_t, t), for stage 2 with noisy: teacher."""
+    num_inference_steps: int = Field(..., ge=1)
+    points_per_image: int = Field(..., ge=1, description="(x_t, t) kept per row: disk ~ this x the latents")
+    guidance_scale: float = Field(..., ge=0)
+    conditioning_scale: float = Field(..., ge=0)
+    seed: int
+
+
 class DistillConfig(_Strict):
     student_layers: int = Field(..., ge=1)
     alpha: float = Field(..., ge=0, le=1, description="L_task weight inside the hole; 1-alpha outside")
@@ -268,7 +322,7 @@ class DistillConfig(_Strict):
     # learns the teacher's unconditional prediction that classifier-free guidance needs.
     prompt_dropout: float = Field(..., ge=0, lt=1, description="share of samples trained on the empty prompt")
     stage1: StageConfig
-    stage2: StageConfig
+    stage2: Stage2Config
     gradient_accumulation_steps: int = Field(..., ge=1)
     # fp32, not accelerate's "no": `dvc exp run -S` rewrites params.yaml unquoted and YAML reads no as false.
     mixed_precision: Literal["fp32", "bf16", "fp16"]
@@ -277,6 +331,10 @@ class DistillConfig(_Strict):
     ema_decay: float | None = Field(..., gt=0, lt=1)
     checkpoint_every: int = Field(..., ge=1)
     keep_checkpoints: int = Field(..., ge=1)
+    # torch.compile (inductor) of the student's, backbone's and teacher's forwards in DistillLoss: wrappers
+    # that share the modules' parameters, so the Loop keys, checkpoints and saves the original student.
+    # metrics/step_benchmark.json says whether it pays (compile time is paid again in every process).
+    compile: bool = Field(..., description="torch.compile the forwards DistillLoss runs (same results)")
 
     @model_validator(mode="after")
     def _check(self):
@@ -294,12 +352,11 @@ class DistillConfig(_Strict):
 
 class EvaluateConfig(_Strict):
     """The evaluate stage, the teacher gate and the ablations: sampling settings and optional metrics."""
-    num_images: int = Field(..., ge=1, description="test images evaluated (first N of the test split)")
+    num_images: int | None = Field(..., ge=1, description="first N test images; null = the whole test split")
     num_inference_steps: int = Field(..., ge=1)
     guidance_scale: float = Field(..., ge=0)
     conditioning_scale: float = Field(..., ge=0)
-    seed: int
-    batch_size: int = Field(..., ge=1)
+    seed: int = Field(..., description="image i of the split starts from the noise of seed + i")
     num_samples: int = Field(..., ge=0, description="test images saved as PNGs for the report's sample grid")
     lpips_weights: str | None = Field(..., description="TORCH_HOME holding torchvision's backbone weights "
                                                        "(hub/checkpoints/*.pth); needs torchvision")
@@ -325,6 +382,17 @@ class MemoryBenchmarkConfig(_Strict):
     max_ratio: float = Field(..., gt=1, description="the stage fails when peak RSS grows more than this")
 
 
+class StepBenchmarkConfig(_Strict):
+    """pipeline/evaluation/step_benchmark.py: one distillation step vs one plain ControlNet training step
+    (time, FLOPs, GFLOP/s against a matmul ceiling), and torch.compile of the distillation step."""
+    batch_size: int = Field(..., ge=1)
+    warmup: int = Field(..., ge=0, description="untimed steps per arm before the timed rounds")
+    repeats: int = Field(..., ge=1, description="alternating rounds, one step per arm each; medians reported")
+    threads: int | None = Field(..., ge=1, description="torch.set_num_threads; null keeps the default")
+    compile: list[Literal["student", "backbone", "teacher"]] = Field(
+        ..., description="modules the compiled arm torch.compiles (distill.compile: all three); [] = no arm")
+
+
 class BenchmarkConfig(_Strict):
     batch_size: int = Field(..., ge=1)
     warmup: int = Field(..., ge=0)
@@ -340,12 +408,9 @@ class Variant(_Strict):
 
 
 class AblationConfig(_Strict):
-    """The ablation matrix (pipeline/distill/ablation.py); the variants are defined here only."""
-    stage1_steps: int = Field(..., ge=1)
-    stage2_steps: int = Field(..., ge=1)
-    batch_size: int = Field(..., ge=1)
-    warmup_steps: int = Field(..., ge=0)
-    headline: list[str] = Field(..., description="variants run at every headline seed")
+    """The ablation study (pipeline/distill/ablation.py); the variants are defined here only. Every variant
+    trains at the headline student's budget (distill.*): same steps, batch and warm-up."""
+    headline: list[str] = Field(..., description="variants run at every headline seed; `full` is the reference")
     headline_seeds: list[int]
     others: list[str] = Field(..., description="variants run at `seeds`")
     seeds: list[int]
@@ -356,6 +421,8 @@ class AblationConfig(_Strict):
         unknown = [v for v in (*self.headline, *self.others) if v not in self.variants]
         if unknown:
             raise ValueError(f"ablations: unknown variants {unknown}; defined: {sorted(self.variants)}")
+        if "full" not in self.headline:
+            raise ValueError("ablations.headline: must hold `full`, the reference every variant is compared with")
         both = set(self.headline) & set(self.others)
         if both:
             raise ValueError(f"ablations: variants {sorted(both)} are in both headline and others "
@@ -384,6 +451,8 @@ class ShardSpec(_Strict):
 class FlowSettings(_Strict):
     """How the Prefect flows run the DVC stages (no effect on any output)."""
     retries: int = Field(1, ge=0, description="retries of a stage after a transient failure")
+    jobs: int | None = Field(None, ge=1, description="threads for stages run side by side (null = CPUs; 1 = one "
+                             "stage at a time through dvc repro)")
     retry_delay_seconds: float = Field(10, ge=0)
     no_retry_stages: list[str] = Field(["validate*"], description="globs: failures here are never retried")
     dask_address: str | None = Field(None, description="scheduler address; null = local processes")
@@ -409,8 +478,10 @@ class Config(_Strict):
     teacher: TeacherConfig
     distill: DistillConfig
     evaluate: EvaluateConfig
+    trajectories: TrajectoriesConfig
     encode_benchmark: EncodeBenchmarkConfig
     memory_benchmark: MemoryBenchmarkConfig
+    step_benchmark: StepBenchmarkConfig
     flows: FlowSettings
     ablations: AblationConfig
     benchmark: BenchmarkConfig

@@ -61,33 +61,26 @@ def _train_outs(name: str, model) -> list:
     return [model, (P.CHECKPOINTS / name, PERSIST), (P.DVCLIVE / name, PERSIST)]
 
 
-# The ablations read every distillation setting a variant may override, except the budget that
-# `ablations.*` sets for them (steps, batch size, warm-up of both stages).
-_ABLATION_DISTILL = [
-    "distill.student_layers", "distill.alpha", "distill.prompt_dropout", "distill.gradient_accumulation_steps",
-    "distill.mixed_precision", "distill.gradient_checkpointing", "distill.optimizer", "distill.ema_decay",
-    "distill.checkpoint_every", "distill.keep_checkpoints",
-    *(f"distill.{s}.{k}" for s in ("stage1", "stage2")
-      for k in ("loss", "prompt", "train.lr", "train.weight_decay", "train.max_grad_norm")),
-]
 # text.max_sequence_length: prompt dropout embeds the empty prompt as the encode stage embeds prompts
 _DISTILL_COMMON = ["seed", "scheduler", "distill.student_layers", "distill.alpha", "distill.prompt_dropout",
                    "text.max_sequence_length", "distill.gradient_accumulation_steps", "distill.mixed_precision",
                    "distill.gradient_checkpointing", "distill.optimizer", "distill.ema_decay",
-                   "distill.checkpoint_every", "distill.keep_checkpoints"]
+                   "distill.checkpoint_every", "distill.keep_checkpoints", "distill.compile"]
 # pipeline.runtime: where the models run and the frozen models' dtype (world.dtype on an accelerator)
 _RUNTIME = ["runtime.device", "runtime.cpu_dtype", "world.dtype"]
 _VAE_RUNTIME = ["runtime.vae_slicing", "runtime.vae_tiling"]
 _SAMPLING = ["data.image_size", "text.max_sequence_length", "evaluate", *_RUNTIME, *_VAE_RUNTIME,
              "runtime.sample_batch_size"]
+# the study trains at the headline budget (all of distill); trajectories: for stage2_teacher
+_STUDY_DATA = [P.ENCODED, P.TRIPLETS, P.CAPTIONS, P.BACKBONE, P.TEACHER, P.TEACHER_PASSED, P.TRAJECTORIES,
+               P.STUDENT, P.EVAL_REFERENCE]
 _WORLD = ["seed", "data.image_size", "world", "distill.checkpoint_every", "runtime.device"]
 _ABLATE = dict(
-    module="ablate", args="${item.variant} ${item.seed}",
-    deps=[P.ENCODED, P.TRIPLETS, P.CAPTIONS, P.BACKBONE, P.TEACHER, P.TEACHER_PASSED],
-    params=["seed", "scheduler", *_ABLATION_DISTILL, *_SAMPLING, "ablations.stage1_steps", "ablations.stage2_steps",
-            "ablations.batch_size", "ablations.warmup_steps", "ablations.variants.${item.variant}"],
+    module="ablate", args="${item.variant} ${item.seed}", deps=_STUDY_DATA,
+    params=["seed", "scheduler", "distill", "text.max_sequence_length", *_SAMPLING, "ablations.variants.${item.variant}"],
     outs=[P.ABLATIONS / "${item.variant}-s${item.seed}"],
-    metrics=[P.ABLATION_METRICS / "${item.variant}-s${item.seed}.json"],
+    metrics=[P.ABLATION_METRICS / "${item.variant}-s${item.seed}.json",
+             P.PER_IMAGE / "ablations" / "${item.variant}-s${item.seed}.csv"],
 )
 
 STAGES = [
@@ -96,7 +89,12 @@ STAGES = [
           outs=[P.TRIPLETS], metrics=[P.TRIPLETS_METRICS]),
     Stage("validate_triplets", "validate_triplets", deps=[P.TRIPLETS], params=["data.image_size", "gates.mask_fraction_min", "gates.mask_fraction_max"],
           outs=[(P.GATES / "triplets.md", NOCACHE)], metrics=[P.GATES / "triplets.json"]),
-    Stage("caption", "caption", deps=[P.TRIPLETS], params=["caption"],
+    # the model that captions the unlabelled split (caption.unlabelled_backend: pseudo_labeller)
+    Stage("pseudo_labeller", "pseudo_labeller", deps=[P.TRIPLETS],
+          params=["seed", "data.backgrounds", "data.colors", "data.shapes", "data.min_objects", "data.max_objects",
+                  "caption.unlabelled_backend", "caption.pseudo_labeller"],
+          outs=[P.PSEUDO_LABELLER], metrics=[P.PSEUDO_LABELLER_METRICS]),
+    Stage("caption", "caption", deps=[P.TRIPLETS, P.PSEUDO_LABELLER], params=["caption"],
           outs=[P.CAPTIONS, (P.CAPTION_CACHE, PERSIST)]),
     Stage("validate_captions", "validate_captions", deps=[P.CAPTIONS, P.TRIPLETS],
           params=["gates.caption_min_chars", "gates.caption_max_chars", "gates.require_global"],
@@ -123,8 +121,16 @@ STAGES = [
           deps=[P.ENCODED, P.BACKBONE, P.TEACHER, P.TRIPLETS, P.CAPTIONS],
           params=["seed", "data.image_size", "text.max_sequence_length", "scheduler", "distill.student_layers",
                   "distill.alpha", "distill.prompt_dropout", "distill.stage1", "distill.mixed_precision",
-                  "distill.gradient_checkpointing", "distill.optimizer", *_RUNTIME, *_VAE_RUNTIME, "encode_benchmark"],
+                  "distill.gradient_checkpointing", "distill.optimizer", "distill.compile", *_RUNTIME, *_VAE_RUNTIME,
+                  "encode_benchmark"],
           metrics=[P.ENCODE_BENCHMARK_METRICS]),
+    # distill.compile is not read: the benchmark sets what each arm compiles (step_benchmark.compile)
+    Stage("step_benchmark", "step_benchmark", deps=[P.ENCODED, P.BACKBONE, P.TEACHER],
+          params=["seed", "scheduler", "distill.student_layers", "distill.alpha", "distill.prompt_dropout",
+                  "text.max_sequence_length", "distill.stage1", "distill.stage2.train.steps",
+                  "distill.mixed_precision", "distill.gradient_checkpointing", "distill.optimizer", *_RUNTIME,
+                  "step_benchmark"],
+          metrics=[P.STEP_BENCHMARK_METRICS]),
     Stage("memory_benchmark", "memory_benchmark", deps=[P.TRIPLETS, P.CAPTIONS, P.BACKBONE, P.TEACHER],
           params=[*_DISTILL_COMMON, "distill.stage1", "data.image_size", "runtime", "world.dtype", "memory_benchmark"],
           metrics=[P.MEMORY_BENCHMARK_METRICS]),
@@ -132,14 +138,19 @@ STAGES = [
           deps=[P.ENCODED, P.BACKBONE, P.TEACHER, P.TEACHER_PASSED, P.GATES / "encoded.json"],
           params=[*_DISTILL_COMMON, *_RUNTIME, "distill.stage1"],
           outs=_train_outs("distill_stage1", P.STUDENT_STAGE1), metrics=[P.DISTILL_METRICS / "stage1.json"]),
+    Stage("trajectories", "trajectories", deps=[P.TRIPLETS, P.CAPTIONS, P.BACKBONE, P.TEACHER, P.TEACHER_PASSED],
+          params=["data.image_size", "text.max_sequence_length", "trajectories", *_RUNTIME, *_VAE_RUNTIME,
+                  "runtime.sample_batch_size"],
+          outs=[P.TRAJECTORIES], metrics=[P.TRAJECTORY_METRICS]),
     Stage("distill_stage2", "distill", args="stage2",
-          deps=[P.ENCODED, P.BACKBONE, P.TEACHER, P.STUDENT_STAGE1],
+          deps=[P.ENCODED, P.BACKBONE, P.TEACHER, P.STUDENT_STAGE1, P.TRAJECTORIES],
           params=[*_DISTILL_COMMON, *_RUNTIME, "distill.stage2"],
           outs=_train_outs("distill_stage2", P.STUDENT), metrics=[P.DISTILL_METRICS / "stage2.json"]),
     Stage("evaluate", "evaluate",
           deps=[P.TRIPLETS, P.CAPTIONS, P.BACKBONE, P.TEACHER, P.STUDENT_STAGE1, P.STUDENT],
-          params=_SAMPLING, outs=[P.SAMPLES],
-          metrics=[P.EVAL_METRICS / f"{m}.json" for m in ("teacher", "backbone_only", "student_stage1", "student")]),
+          params=_SAMPLING, outs=[P.SAMPLES, P.EVAL_REFERENCE],
+          metrics=[p for m in ("teacher", "backbone_only", "student_stage1", "student")
+                   for p in (P.EVAL_METRICS / f"{m}.json", P.PER_IMAGE / f"{m}.csv")]),
     Stage("benchmark", "benchmark",
           deps=[P.BACKBONE, P.TEACHER, P.STUDENT, P.DISTILL_METRICS / "stage1.json", P.DISTILL_METRICS / "stage2.json"],
           params=["text.max_sequence_length", *_RUNTIME, *_VAE_RUNTIME, "benchmark"], metrics=[P.BENCHMARK_METRICS]),
@@ -148,13 +159,13 @@ STAGES = [
           **_ABLATE),
     Stage("ablate", matrix={"variant": "${ablations.others}", "seed": "${ablations.seeds}"}, **_ABLATE),
     Stage("report", "report",
-          deps=[P.EVAL_METRICS, P.ABLATION_METRICS, P.BENCHMARK_METRICS, P.DISTILL_METRICS / "stage1.json",
+          deps=[P.EVAL_METRICS, P.ABLATION_METRICS, P.PER_IMAGE, P.BENCHMARK_METRICS, P.DISTILL_METRICS / "stage1.json",
                 P.DISTILL_METRICS / "stage2.json", P.SAMPLES, P.DVCLIVE / "distill_stage1", P.DVCLIVE / "distill_stage2"],
           params=["evaluate.num_inference_steps", "evaluate.guidance_scale", "evaluate.conditioning_scale",
-                  "evaluate.seed", "distill.stage1.train.steps", "distill.stage2.train.steps", "ablations",
-                  "report"],
+                  "evaluate.seed", "distill.stage1.train.steps", "distill.stage2.train.steps",
+                  "distill.stage1.train.batch_size", "ablations", "report"],
           outs=[(P.REPORT, NOCACHE), (P.FIGURES, NOCACHE), (P.FRONTIER, NOCACHE)],
-          metrics=[P.REPORT_METRICS, P.HEADLINE_METRICS]),
+          metrics=[P.REPORT_METRICS, P.STUDY_METRICS, P.HEADLINE_METRICS]),
 ]
 
 PLOTS = [

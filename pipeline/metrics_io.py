@@ -26,3 +26,8 @@ def _clean(x):
     if isinstance(x, float) and not math.isfinite(x):
         return None
     return x
+
+
+def write_csv(path: str | Path, df) -> None:
+    """A per-item metrics table (pandas), 6 significant digits: enough for paired statistics, diffable."""
+    write_file(path, df.to_csv(index=False, float_format="%.6g"))

@@ -22,7 +22,8 @@ def main(argv=None) -> None:
     out, init = ((paths.STUDENT_STAGE1, None) if args.stage == "stage1" else (paths.STUDENT, paths.STUDENT_STAGE1))
     dvc_stage = f"distill_{args.stage}"
     m = distill(cfg, args.stage, foundation=paths.BACKBONE, teacher=paths.TEACHER, encoded=paths.ENCODED, out=out,
-                checkpoints=paths.CHECKPOINTS / dvc_stage, live=paths.DVCLIVE / dvc_stage, init=init)
+                checkpoints=paths.CHECKPOINTS / dvc_stage, live=paths.DVCLIVE / dvc_stage, init=init,
+                trajectories=paths.TRAJECTORIES)
     write_json(paths.DISTILL_METRICS / f"{args.stage}.json", m)
     print(m)
 

@@ -18,7 +18,7 @@ torch.set_num_threads(int(os.environ.get("TEST_TORCH_THREADS", "1")))
 
 MICRO = {
     "seed": 0,
-    "data": {"image_size": 16, "splits": {"labelled": 12, "unlabelled": 12, "val": 4, "test": 6},
+    "data": {"image_size": 16, "splits": {"labelled": 12, "unlabelled": 12, "val": 4, "test": 6, "world": 24},
              "max_objects": 2},
     "text": {"vocab_size": 400, "tokenizer_max_length": 24, "max_sequence_length": 2, "hidden_size": 16,
              "projection_dim": 16, "num_hidden_layers": 1},
@@ -29,7 +29,7 @@ MICRO = {
     "distill": {"student_layers": 3, "checkpoint_every": 2, "keep_checkpoints": 2,
                 "stage1": {"train": {"steps": 4, "batch_size": 4, "lr": 1e-3}},
                 "stage2": {"train": {"steps": 2, "batch_size": 4, "lr": 1e-3}, "loss": {"task": 0.0}}},
-    "evaluate": {"num_images": 4, "num_inference_steps": 2, "batch_size": 4},
+    "evaluate": {"num_images": 4, "num_inference_steps": 2},
     # params are validated with every ablation variant merged in: the depth variants must fit 6 blocks
     "ablations": {"variants": {v: {"overrides": {"distill": {"student_layers": 3}}} for v in ("layers_10", "layers_15")}},
 }

@@ -17,8 +17,8 @@ from tests.conftest import MICRO
 EVAL_PARAMS = {
     **MICRO,
     "evaluate": {**MICRO["evaluate"], "num_samples": 2},
-    "ablations": {**MICRO["ablations"], "stage1_steps": 2, "stage2_steps": 1, "batch_size": 4, "warmup_steps": 0,
-                  "headline_seeds": [0, 1], "seeds": [0]},
+    "ablations": {**MICRO["ablations"], "headline": ["full", "from_scratch"], "headline_seeds": [0, 1],
+                  "others": ["wo_af"], "seeds": [0]},
     "benchmark": {"batch_size": 2, "warmup": 1, "repeats": 2, "extra_layers": [2]},
 }
 

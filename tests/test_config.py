@@ -45,8 +45,8 @@ def test_bad_variant_override_fails_at_load_naming_the_variant():
 
 
 def test_bad_value_in_any_section_fails_at_load():
-    with pytest.raises(ConfigError, match=r"ablations\.stage1_steps: Input should be greater than or equal to 1"):
-        from_dict(full({"ablations": {"stage1_steps": -5}}))
+    with pytest.raises(ConfigError, match=r"trajectories\.points_per_image: Input should be greater than or equal to 1"):
+        from_dict(full({"trajectories": {"points_per_image": -5}}))
 
 
 def test_no_value_that_a_yaml_rewrite_can_reinterpret():

@@ -24,7 +24,6 @@ from tests.params import full
 # Small budgets for the stages that measure or ablate; the teacher gate reports only (2 training steps).
 STAGE_PARAMS = deep_merge(MICRO, {
     "teacher": {"gate_min_gain_db": None},
-    "ablations": {"stage1_steps": 2, "stage2_steps": 1, "batch_size": 4, "warmup_steps": 0},
     "benchmark": {"batch_size": 2, "warmup": 0, "repeats": 1, "extra_layers": [2]},
     "encode_benchmark": {"steps": 1, "batch_size": 2, "repeats": 1, "warmup_steps": 0},
 })
@@ -84,15 +83,16 @@ def workspace_factory(micro_world, tmp_path_factory):
 
 def run_model_stages(ws: Path) -> None:
     """Every stage that runs a model, as `dvc repro` runs them (their main functions, in the workspace)."""
-    from stages import ablate, benchmark, distill, encode, encode_benchmark, evaluate, validate_teacher
+    from stages import ablate, benchmark, distill, encode, encode_benchmark, evaluate, trajectories, validate_teacher
 
     with contextlib.chdir(ws):
         encode.main([])
         validate_teacher.main([])
+        trajectories.main([])
         distill.main(["stage1"])
         distill.main(["stage2"])
         evaluate.main([])
-        ablate.main(["full", "0"])
+        ablate.main(["full", "1"])
         benchmark.main([])
         assert encode_benchmark.main([]) == 0
 
@@ -129,7 +129,7 @@ def test_default_policy_changes_no_output(micro_world, workspace_factory):
 
     eager = []
 
-    def in_memory(encoded_dir, stage, prompt):  # the old storage: the whole split as tensors
+    def in_memory(encoded_dir, stage, prompt, trajectories=None):  # the old storage: the whole split as tensors
         from pipeline.training import TensorData
 
         _, t = load_split(encoded_dir, trainer.SPLIT_OF[stage], trainer.shard_keys(prompt))
@@ -154,10 +154,11 @@ def test_sampling_micro_batches_change_memory_not_noise(micro_world):
     df = df[df["split"] == "test"].head(4)
     outs = {}
     for micro in (4, 1):
-        cfg = micro_config(runtime={"sample_batch_size": micro})
-        _, out, _ = evaluate_models(cfg, runtime(cfg).load_foundation(micro_world["foundation"]),
-                                    {TEACHER: micro_world["teacher"]}, df)
-        outs[micro] = out[TEACHER]
+        cfg = micro_config(runtime={"sample_batch_size": micro}, evaluate={"num_samples": 4})
+        ev = evaluate_models(cfg, runtime(cfg).load_foundation(micro_world["foundation"]),
+                             {TEACHER: micro_world["teacher"]}, df)
+        outs[micro] = ev[TEACHER].samples
+    assert len(outs[1]) == 4
     torch.testing.assert_close(outs[1], outs[4], rtol=0, atol=1e-5)  # batched matmuls differ in the last bits
 
 

@@ -48,7 +48,7 @@ def test_gate_metrics_exist_and_are_finite(smoke):
     ws, _, _ = smoke
     vae = json.loads((ws / "metrics/foundation/vae.json").read_text())
     gate = json.loads((ws / "metrics/gates/teacher.json").read_text())
-    for key in ("vae_test_psnr",):
+    for key in ("vae_val_psnr",):
         assert math.isfinite(vae[key])
     for key in ("teacher_psnr", "teacher_ssim", "teacher_psnr_masked", "backbone_only_psnr", "backbone_only_psnr_masked"):
         assert math.isfinite(gate[key]), key

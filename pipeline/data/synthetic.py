@@ -18,11 +18,11 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from pipeline.atomic import write_dir
-from pipeline.config import COLORS, ConfigError, DataConfig
+from pipeline.config import COLORS, SPLITS, WORLD_SPLIT, ConfigError, DataConfig
 from pipeline.data import prompts
 
-SPLITS = ("labelled", "unlabelled", "val", "test")
-SPLIT_CODES = {name: i for i, name in enumerate(SPLITS)}
+SCENE_SPLITS = (*SPLITS, WORLD_SPLIT)
+SPLIT_CODES = {name: i for i, name in enumerate(SCENE_SPLITS)}  # world last: the other splits' scenes keep their seeds
 MANIFEST_COLUMNS = [
     "id", "split", "image", "mask", "instances", "mask_kind", "object_index", "objects", "background",
     "global_prompt", "local_prompt", "width", "height", "mask_fraction",
@@ -219,7 +219,7 @@ def write_scene(scene: Scene, root: Path, scene_id: str) -> dict:
 
 
 def split_counts(cfg: DataConfig) -> dict[str, int]:
-    return {name: getattr(cfg.splits, name) for name in SPLITS}
+    return {name: getattr(cfg.splits, name) for name in SCENE_SPLITS}
 
 
 def generate_scenes(cfg: DataConfig, seed: int, out: str | Path, progress: bool = True) -> pd.DataFrame:

@@ -29,7 +29,8 @@ from tqdm import tqdm
 from pipeline.atomic import write_dir
 from pipeline.config import TripletsConfig
 from pipeline.data.images import MASK_THRESHOLD, PixelError, open_image, to_mask, to_rgb
-from pipeline.data.synthetic import SPLITS, random_mask
+from pipeline.config import SPLITS, WORLD_SPLIT
+from pipeline.data.synthetic import random_mask
 
 OUTPUT_COLUMNS = [
     "id", "split", "image", "mask", "instances", "local_prompt", "global_prompt", "objects", "background",
@@ -173,7 +174,8 @@ def from_folders(image_dir: str | Path, mask_dir: str | Path | None) -> pd.DataF
 def load_input(cfg: TripletsConfig, scenes_manifest: str | Path) -> pd.DataFrame:
     if cfg.source == "synthetic":
         path = Path(scenes_manifest)
-        return normalise(read_table(path), path.parent, "synthetic", cfg.default_split)
+        scenes = read_table(path)  # the world split trains the tiny world only: never a triplet
+        return normalise(scenes[scenes["split"] != WORLD_SPLIT], path.parent, "synthetic", cfg.default_split)
     if cfg.source == "manifest":
         if not cfg.manifest:
             raise ValueError("triplets.manifest: required when triplets.source is 'manifest'")

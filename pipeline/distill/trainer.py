@@ -1,7 +1,9 @@
 """Stage 1 (labelled triplets, tri-level loss) and stage 2 (unlabelled masked images, L_distill + L_af).
 
 Stage 2 is unsupervised by construction: its batches are built by ``unlabelled_batch``, which keeps no
-clean-image target, and its loss never calls ``flow.target``.
+clean-image target, and its loss never calls ``flow.target``. Its noisy inputs (``distill.stage2.noisy``):
+the unlabelled image's latent noised (image), or points of the teacher's sampling trajectory
+(teacher, pipeline.distill.trajectories), which read no latent of the image at all.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Collection, Literal
 
 import torch
 from diffusers import SD3ControlNetModel
@@ -27,19 +29,34 @@ from pipeline.training import Loop, save_atomic
 
 Stage = Literal["stage1", "stage2"]
 SPLIT_OF = {"stage1": "labelled", "stage2": "unlabelled"}
+COMPILABLE = ("student", "backbone", "teacher")  # what distill.compile torch.compiles in DistillLoss
 
 
-def shard_keys(prompt: str) -> tuple[str, ...]:
-    """The encoded-shard tensors a stage reads: local prompts are ``prompt_embeds``, global ``global_*``."""
+def compile_blocks(module: torch.nn.Module) -> torch.nn.Module:
+    """Regional torch.compile, in place: each of the module's ``transformer_blocks`` (inductor, static
+    shapes, so Loop's batch-1 probe gets its own graph instead of making the training batch's dynamic). The
+    blocks share code and shapes, so one compiled graph serves all of them: compiling the whole model costs
+    minutes per process on the CPU (a 24-block tiny-world backbone: ~10 min with 2 busy cores). The module
+    itself, its parameters and state_dict keys are unchanged: Loop trains, keys and saves it as it is."""
+    for block in module.transformer_blocks:
+        block.compile(dynamic=False)
+    return module
+
+
+def shard_keys(prompt: str, image: bool = True) -> tuple[str, ...]:
+    """The encoded-shard tensors a stage reads: local prompts are ``prompt_embeds``, global ``global_*``;
+    the image's latents only when the stage noises them (``image``)."""
     p = "" if prompt == "local" else "global_"
-    return ("latents", "masked_latents", "mask", f"{p}prompt_embeds", f"{p}pooled_prompt_embeds")
+    return (*(("latents",) if image else ()), "masked_latents", "mask", f"{p}prompt_embeds",
+            f"{p}pooled_prompt_embeds")
 
 
 def batch_from(t: dict[str, torch.Tensor], prompt: str) -> dict[str, torch.Tensor]:
     """Encoded-shard tensors (rows of them, or pipeline.data.encode output) -> what DistillLoss reads: the
     control input as the stock inpainting pipeline builds it, and the stage's prompt embeddings."""
     p = "" if prompt == "local" else "global_"
-    return {"latents": t["latents"], "control": inpaint.control_input(t["masked_latents"], t["mask"]),
+    return {**{k: t[k] for k in ("latents", "noisy", "timestep") if k in t},
+            "control": inpaint.control_input(t["masked_latents"], t["mask"]),
             "mask": t["mask"], "prompt_embeds": t[f"{p}prompt_embeds"],
             "pooled_prompt_embeds": t[f"{p}pooled_prompt_embeds"]}
 
@@ -48,11 +65,15 @@ class StageData:
     """The rows a stage trains on (its split, SPLIT_OF), read from the encoded shards one batch at a time
     (pipeline.training.Data): memory holds a batch, not the split. Row i is the i-th id in sorted order, so
     pipeline.training.batch_indices draws the same rows whatever the number of shards. Stage 2 gets the
-    image latents only to noise them."""
+    image latents only to noise them; given ``trajectories`` (noisy: teacher) its items are the teacher's
+    trajectory points instead, and no image latent is read."""
 
-    def __init__(self, encoded_dir: Path, stage: Stage, prompt: str):
+    def __init__(self, encoded_dir: Path, stage: Stage, prompt: str, trajectories: Path | None = None):
+        from pipeline.distill.trajectories import TrajectoryData
+
         self.prompt = prompt
-        self.split = EncodedSplit(encoded_dir, SPLIT_OF[stage], shard_keys(prompt))
+        split = EncodedSplit(encoded_dir, SPLIT_OF[stage], shard_keys(prompt, image=trajectories is None))
+        self.split = split if trajectories is None else TrajectoryData(trajectories, split)
 
     def __len__(self) -> int:
         return len(self.split)
@@ -64,8 +85,8 @@ class StageData:
         return self.split.digest()
 
 
-def stage_data(encoded_dir: Path, stage: Stage, prompt: str) -> StageData:
-    return StageData(encoded_dir, stage, prompt)
+def stage_data(encoded_dir: Path, stage: Stage, prompt: str, trajectories: Path | None = None) -> StageData:
+    return StageData(encoded_dir, stage, prompt, trajectories)
 
 
 def place_frozen(cfg: Config, device, *models: torch.nn.Module) -> None:
@@ -88,6 +109,12 @@ class Inputs:
 
 
 def unlabelled_batch(batch: dict, train_sched, cfg: Config, gen) -> Inputs:
+    """Noised image latents, or (noisy: teacher) the teacher's trajectory points as they are."""
+    if "noisy" in batch:
+        noisy = batch["noisy"]
+        return Inputs(noisy, batch["timestep"].to(noisy.dtype), batch["prompt_embeds"],
+                      batch["pooled_prompt_embeds"], batch["control"],
+                      torch.ones(len(noisy), 1, 1, 1, device=noisy.device))
     s = flow.add_noise(batch["latents"], train_sched, cfg.scheduler, gen)
     return Inputs(s.noisy, s.timesteps, batch["prompt_embeds"], batch["pooled_prompt_embeds"], batch["control"],
                   s.weighting)
@@ -111,8 +138,16 @@ class DistillLoss:
     classifier-free guidance combines with the conditional one."""
 
     def __init__(self, cfg: Config, stage: Stage, stage_cfg: StageConfig, backbone, teacher, student,
-                 empty: dict[str, torch.Tensor] | None = None):
+                 empty: dict[str, torch.Tensor] | None = None, compile: Collection[str] | None = None):
+        """``compile``: which of COMPILABLE to torch.compile, block by block and in place (compile_blocks;
+        default: all when distill.compile, else none). The frozen models are shared: compile them once."""
         self.cfg, self.stage = cfg, stage
+        self.compiled = set(COMPILABLE if cfg.distill.compile else ()) if compile is None else set(compile)
+        if self.compiled - set(COMPILABLE):
+            raise ValueError(f"compile: unknown {sorted(self.compiled - set(COMPILABLE))}; known: {COMPILABLE}")
+        for name, module in (("student", student), ("backbone", backbone), ("teacher", teacher)):
+            if name in self.compiled:
+                compile_blocks(module)
         self.prompt_dropout, self.empty = cfg.distill.prompt_dropout, empty
         if self.prompt_dropout > 0 and empty is None:
             raise ValueError("distill.prompt_dropout > 0 needs the empty prompt's embeddings "
@@ -162,9 +197,10 @@ def build_student(cfg: Config, backbone, init: Path | None) -> SD3ControlNetMode
 
 
 def student_and_loss(cfg: Config, stage: Stage, backbone, teacher, init: Path | None = None,
-                     empty: dict[str, torch.Tensor] | None = None):
+                     empty: dict[str, torch.Tensor] | None = None, compile: Collection[str] | None = None):
     """(student, DistillLoss) exactly as ``distill`` trains them; the encode benchmark times the same.
-    ``empty``: the empty prompt's embeddings, needed when distill.prompt_dropout > 0."""
+    ``empty``: the empty prompt's embeddings, needed when distill.prompt_dropout > 0. ``compile``: what
+    DistillLoss torch.compiles (default: distill.compile's choice; the step benchmark sets it)."""
     student = build_student(cfg, backbone, init)
     dead = unused_layers(Controlled(backbone, student, STUDENT_CONVENTION).mapping, student.config.num_layers)
     if dead:
@@ -172,13 +208,19 @@ def student_and_loss(cfg: Config, stage: Stage, backbone, teacher, init: Path | 
     if cfg.distill.gradient_checkpointing:
         student.enable_gradient_checkpointing()
         backbone.enable_gradient_checkpointing()
-    return student, DistillLoss(cfg, stage, getattr(cfg.distill, stage), backbone, teacher, student, empty)
+    return student, DistillLoss(cfg, stage, getattr(cfg.distill, stage), backbone, teacher, student, empty,
+                                compile)
 
 
 def distill(cfg: Config, stage: Stage, *, foundation: Path, teacher: Path, encoded: Path, out: Path,
             checkpoints: Path, live: Path | None, init: Path | None = None,
-            max_steps_this_run: int | None = None) -> dict:
+            max_steps_this_run: int | None = None, trajectories: Path | None = None) -> dict:
+    """Train one stage. ``trajectories``: the teacher's trajectory points (pipeline.distill.trajectories),
+    read when stage 2's noisy input is the teacher's."""
     stage_cfg: StageConfig = getattr(cfg.distill, stage)
+    from_teacher = stage == "stage2" and cfg.distill.stage2.noisy == "teacher"
+    if from_teacher and trajectories is None:
+        raise ValueError("distill.stage2.noisy: teacher needs the trajectories stage's output (data/trajectories)")
     rt = runtime(cfg)
     # Loaded on the CPU in the policy's dtype; Loop's on_start moves them to accelerate's device (one GPU per
     # process under `accelerate launch`). Prompts come embedded from the encode stage; T5 (when the folder
@@ -190,7 +232,7 @@ def distill(cfg: Config, stage: Stage, *, foundation: Path, teacher: Path, encod
     backbone = pipe.transformer
     teacher_model = load_controlnet(teacher, rt.dtype)
     student, loss = student_and_loss(cfg, stage, backbone, teacher_model, init, empty)
-    data = stage_data(encoded, stage, stage_cfg.prompt)
+    data = stage_data(encoded, stage, stage_cfg.prompt, trajectories if from_teacher else None)
 
     def on_start(acc):  # the frozen models follow the student onto the accelerator's device (GPU)
         place_frozen(cfg, acc.device, backbone, teacher_model)

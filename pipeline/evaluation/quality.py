@@ -47,24 +47,42 @@ def ssim(pred: torch.Tensor, target: torch.Tensor, region: torch.Tensor | None =
     return _region_mean(smap, region)
 
 
-def _mean(x: torch.Tensor) -> float:
-    return float(x.double().mean())
-
-
-def quality(pred: torch.Tensor, target: torch.Tensor, hole: torch.Tensor) -> dict[str, float]:
+def per_image(pred: torch.Tensor, target: torch.Tensor, hole: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-image PSNR/SSIM on the whole image, in the hole and outside it (NaN where an image has no
+    pixel outside the hole)."""
     keep = 1 - hole
-    out = {"psnr": _mean(psnr(pred, target)), "ssim": _mean(ssim(pred, target)),
-           "psnr_std": float(psnr(pred, target).double().std()) if len(pred) > 1 else 0.0,
-           "psnr_masked": _mean(psnr(pred, target, hole)), "ssim_masked": _mean(ssim(pred, target, hole))}
-    if float(keep.sum()) > 0:
-        out.update(psnr_unmasked=_mean(psnr(pred, target, keep)), ssim_unmasked=_mean(ssim(pred, target, keep)))
-    else:
-        out.update(psnr_unmasked=None, ssim_unmasked=None)
+    out = {"psnr": psnr(pred, target), "ssim": ssim(pred, target),
+           "psnr_masked": psnr(pred, target, hole), "ssim_masked": ssim(pred, target, hole),
+           "psnr_unmasked": psnr(pred, target, keep), "ssim_unmasked": ssim(pred, target, keep)}
+    none_outside = keep.flatten(1).sum(1) == 0
+    for k in ("psnr_unmasked", "ssim_unmasked"):
+        out[k] = out[k].masked_fill(none_outside, float("nan"))
     return out
 
 
+def per_image_agreement(pred: torch.Tensor, reference: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"agree_psnr": psnr(pred, reference), "agree_ssim": ssim(pred, reference)}
+
+
+def quality(pred: torch.Tensor, target: torch.Tensor, hole: torch.Tensor) -> dict[str, float]:
+    """Means of ``per_image`` (an unmasked mean over the images that have pixels outside the hole)."""
+    return summarise({k: v.double() for k, v in per_image(pred, target, hole).items()})
+
+
 def agreement(pred: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
-    return {"agree_psnr": _mean(psnr(pred, reference)), "agree_ssim": _mean(ssim(pred, reference))}
+    return summarise(per_image_agreement(pred, reference))
+
+
+def summarise(columns: dict[str, torch.Tensor]) -> dict[str, float | None]:
+    """Per-image columns -> their means (None when a column has no finite value), plus psnr_std."""
+    out: dict[str, float | None] = {}
+    for k, v in columns.items():
+        v = v.double()
+        v = v[~torch.isnan(v)]
+        out[k] = float(v.mean()) if len(v) else None
+        if k == "psnr":
+            out["psnr_std"] = float(v.std()) if len(v) > 1 else 0.0
+    return out
 
 
 @contextmanager

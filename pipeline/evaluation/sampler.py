@@ -5,8 +5,9 @@ trained 1:1 is injected as trained whatever diffusers is installed. tests/test_s
 against the stock pipeline for a student, where both rules agree.
 
 It runs where the models are (pipeline.runtime placed them) and in their dtype; images come back as
-float32 on the CPU. ``micro_batch`` splits a batch's denoising loop into smaller calls after the batch's
-noise is drawn, so it changes memory, not the noise an image gets."""
+float32 on the CPU. Each image has its own seed: its initial noise is what ``pipe(..., generator=[one
+torch.Generator per image])`` draws, so an image gets the same noise whatever batch it is sampled in, and
+two models evaluated on the same image start from the same noise (paired comparisons)."""
 
 from __future__ import annotations
 
@@ -31,30 +32,35 @@ def inpaint_images(
     num_inference_steps: int,
     guidance_scale: float,
     conditioning_scale: float,
-    seed: int,
+    seeds: list[int],
     max_sequence_length: int,
-    micro_batch: int | None = None,
+    on_step=None,
 ) -> torch.Tensor:
     """One batch. ``controlnet=None`` samples with the backbone alone (the no-control baseline).
-    Returns images in [-1, 1]. The initial noise comes from ``torch.Generator().manual_seed(seed)``, as
-    ``pipe(..., generator=...)`` draws it (on the CPU, then moved)."""
+    Returns images in [-1, 1]. ``seeds``: one per image; its noise comes from
+    ``torch.Generator().manual_seed(seed)`` as the stock pipeline draws it from a list of generators (on
+    the CPU, then moved). ``on_step(i, t, latents)``: called with the latents before step i (trajectories)."""
     inpaint.check_pixels(images, masks)
-    if len(prompts) != len(images):
-        raise ValueError(f"prompts: {len(prompts)} prompts for {len(images)} images")
+    if len(prompts) != len(images) or len(seeds) != len(images):
+        raise ValueError(f"{len(prompts)} prompts and {len(seeds)} seeds for {len(images)} images")
     t = pipe.transformer
     lat = [s // pipe.vae_scale_factor for s in images.shape[-2:]]
-    noise = randn_tensor((len(images), t.config.in_channels, *lat), generator=torch.Generator().manual_seed(seed),
-                         device=t.device, dtype=t.dtype)
-    step = micro_batch or len(images)
-    return torch.cat([
-        _denoise(pipe, controlnet, convention, images[i:i + step], masks[i:i + step], list(prompts[i:i + step]),
-                 noise[i:i + step], num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                 conditioning_scale=conditioning_scale, max_sequence_length=max_sequence_length).float().cpu()
-        for i in range(0, len(images), step)])
+    noise = initial_noise(seeds, (t.config.in_channels, *lat), t.device, t.dtype)
+    return _denoise(pipe, controlnet, convention, images, masks, list(prompts), noise,
+                    num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                    conditioning_scale=conditioning_scale, max_sequence_length=max_sequence_length,
+                    on_step=on_step).float().cpu()
+
+
+def initial_noise(seeds: list[int], shape, device, dtype) -> torch.Tensor:
+    """What diffusers' randn_tensor draws for a list of per-image generators."""
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    return randn_tensor((len(seeds), *shape), generator=gens, device=device, dtype=dtype)
 
 
 def _denoise(pipe, controlnet, convention, images, masks, prompts, latents, *, num_inference_steps: int,
-             guidance_scale: float, conditioning_scale: float, max_sequence_length: int) -> torch.Tensor:
+             guidance_scale: float, conditioning_scale: float, max_sequence_length: int,
+             on_step=None) -> torch.Tensor:
     cfg = guidance_scale > 1
     embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
         prompt=prompts, prompt_2=None, prompt_3=None, do_classifier_free_guidance=cfg,
@@ -68,7 +74,9 @@ def _denoise(pipe, controlnet, convention, images, masks, prompts, latents, *, n
     scheduler = copy.deepcopy(pipe.scheduler)
     scheduler.set_timesteps(num_inference_steps, device=latents.device)
     ctrl = Controlled(pipe.transformer, controlnet, convention) if controlnet is not None else None
-    for t in scheduler.timesteps:
+    for i, t in enumerate(scheduler.timesteps):
+        if on_step is not None:
+            on_step(i, t, latents)
         x = torch.cat([latents, latents]) if cfg else latents
         ts = t.expand(x.shape[0])
         if ctrl is not None:
@@ -83,11 +91,3 @@ def _denoise(pipe, controlnet, convention, images, masks, prompts, latents, *, n
     return inpaint.decode(pipe.vae, latents)
 
 
-def inpaint_all(pipe, controlnet, convention, images, masks, prompts, *, batch_size: int, seed: int, **kw):
-    """Batched over a split; batch k (``batch_size`` images, evaluate.batch_size) uses seed + k: the batch
-    size decides the noise; ``micro_batch`` in ``kw`` (runtime.sample_batch_size) only the memory."""
-    out = []
-    for k, i in enumerate(range(0, len(images), batch_size)):
-        out.append(inpaint_images(pipe, controlnet, convention, images[i:i + batch_size], masks[i:i + batch_size],
-                                  prompts[i:i + batch_size], seed=seed + k, **kw))
-    return torch.cat(out)

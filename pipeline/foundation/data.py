@@ -1,4 +1,5 @@
-"""Scene tensors for training the tiny world (its own 'pretraining' data: the train splits only)."""
+"""Scene tensors for training the tiny world: its own 'pretraining' data, the world split only (disjoint
+from the labelled, unlabelled, val and test splits that distillation and evaluation use)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from pipeline.config import WORLD_SPLIT
 from pipeline.data.images import load_manifest, read_images, read_masks
 from pipeline.models import inpaint
 
-TRAIN_SPLITS = ("labelled", "unlabelled")
+TRAIN_SPLITS = (WORLD_SPLIT,)
 
 
 def scenes(scenes_dir: Path, splits: tuple[str, ...]) -> pd.DataFrame:

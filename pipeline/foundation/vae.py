@@ -54,8 +54,8 @@ def train_vae(cfg: Config, scenes_dir: Path, out: Path, checkpoints: Path, live:
     result = loop.run()
     vae = loop.model.eval().requires_grad_(False)
     shift, scale = set_latent_stats(vae, images[:2048])
-    test, _ = pixels(scenes(scenes_dir, ("test",)), cfg.data.image_size)
+    val, _ = pixels(scenes(scenes_dir, ("val",)), cfg.data.image_size)
     save_atomic(vae, out)
-    return {"vae_test_psnr": reconstruction_psnr(vae, test), "shift_factor": shift, "scaling_factor": scale,
+    return {"vae_val_psnr": reconstruction_psnr(vae, val), "shift_factor": shift, "scaling_factor": scale,
             "vae_train_seconds": result.seconds}
 

@@ -55,7 +55,8 @@ def sample_grid(samples_dir: Path, out: Path) -> Path | None:
 
 def frontier(c: dict, summary: dict, out: Path) -> Path | None:
     """Whole-image PSNR against ControlNet parameters: teacher, main students, ablation variants
-    (mean ± std over seeds); the backbone alone (no ControlNet) as a horizontal line."""
+    (seed-averaged mean with its bootstrap CI over test images); the backbone alone (no ControlNet) as a
+    horizontal line."""
     ev, abl = c["eval"], summary["ablations"]
     if not ev and not abl:
         return None
@@ -64,19 +65,21 @@ def frontier(c: dict, summary: dict, out: Path) -> Path | None:
         if m.get("controlnet_params"):
             ax.scatter(m["controlnet_params"], m["psnr"], marker="*" if name == "teacher" else "o", s=80, zorder=3)
             ax.annotate(name, (m["controlnet_params"], m["psnr"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
-    for variant, a in abl.items():
-        if a.get("controlnet_params") and a["psnr_mean"] is not None:
-            ax.errorbar(a["controlnet_params"], a["psnr_mean"], yerr=a["psnr_std"] or 0, fmt="s", ms=4, alpha=0.7,
+    for variant, s in summary["study"]["variants"].items():
+        params = abl.get(variant, {}).get("controlnet_params")
+        if params:
+            m, ci = s["psnr_mean"], s["psnr_ci"]
+            ax.errorbar(params, m, yerr=[[m - ci["ci_low"]], [ci["ci_high"] - m]], fmt="s", ms=4, alpha=0.7,
                         capsize=2, color="tab:gray")
-            ax.annotate(variant, (a["controlnet_params"], a["psnr_mean"]), fontsize=6, xytext=(4, -8),
-                        textcoords="offset points", color="tab:gray")
+            ax.annotate(variant, (params, m), fontsize=6, xytext=(4, -8), textcoords="offset points",
+                        color="tab:gray")
     if "backbone_only" in ev:
         ax.axhline(ev["backbone_only"]["psnr"], ls="--", color="tab:red", lw=1, label="backbone alone (no control)")
         ax.legend(fontsize=7, loc="lower right")
     ax.set_xscale("log")
     ax.set_xlabel("ControlNet parameters")
     ax.set_ylabel("PSNR (dB), whole image")
-    ax.set_title("Quality vs size (grey: ablations, mean ± std over seeds)", fontsize=9)
+    ax.set_title("Quality vs size (grey: ablations, seed mean, CI over images)", fontsize=9)
     ax.grid(alpha=0.3)
     return save(fig, out)
 

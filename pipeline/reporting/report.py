@@ -13,7 +13,8 @@ from pathlib import Path
 
 
 from pipeline.config import Config
-from pipeline.distill.ablation import ablation_config, run_name
+from pipeline.distill.ablation import run_name
+from pipeline.evaluation.study import study
 from pipeline.metrics_io import write_json
 
 # REFINE-CONTROL (arXiv 2509.22139): SD3-medium backbone, 1024 px, 130k + 130k training images.
@@ -25,10 +26,10 @@ PAPER = {
 PAPER_ROWS = [  # (label, paper key prefix, ours: ("eval", model) or ("ablation", variant))
     ("Teacher", "teacher", ("eval", "teacher")),
     ("Student, two-stage, full loss", "student", ("eval", "student")),
-    ("Student, two-stage, full loss (ablation budget)", None, ("ablation", "full")),
+    ("Student, two-stage, full loss (mean over seeds)", None, ("ablation", "full")),
     ("w/o L_af (feature alignment)", "wo_af", ("ablation", "wo_af")),
     ("w/o mask weighting (alpha 0.5)", "wo_mask", ("ablation", "wo_mask")),
-    ("Single stage (stage 1 only)", "single_stage", ("ablation", "single_stage")),
+    ("Single stage (first stage only)", "single_stage", ("ablation", "single_stage")),
     ("From scratch (L_task only)", None, ("ablation", "from_scratch")),
     ("Backbone alone (no control)", None, ("eval", "backbone_only")),
 ]
@@ -45,7 +46,7 @@ def collect(cfg: Config, metrics: Path) -> dict:
     """The metrics files the report reads. Ablation runs are the ones params ask for (stale files of an
     earlier, larger matrix are ignored); those not yet run are listed as missing."""
     metrics = Path(metrics)
-    ab = ablation_config(cfg)
+    ab = cfg.ablations
     runs, missing = {}, []
     for variant, seed in ab.runs():
         m = _read(metrics / "ablations" / f"{run_name(variant, seed)}.json")
@@ -58,6 +59,7 @@ def collect(cfg: Config, metrics: Path) -> dict:
         "ablations": runs, "missing_ablations": missing,
         "benchmark": _read(metrics / "benchmark.json"),
         "distill": {p.stem: _read(p) for p in sorted((metrics / "distill").glob("*.json"))},
+        "study": study(ab, metrics / "per_image"),
     }
 
 
@@ -70,7 +72,6 @@ def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
 
 def summarize(cfg: Config, c: dict) -> dict:
     """Everything the report derives, as one metrics file (metrics/report.json)."""
-    ab = ablation_config(cfg)
     ablations = {}
     for variant, ms in c["ablations"].items():
         row = {"n_seeds": len(ms), "controlnet_params": ms[0].get("controlnet_params"),
@@ -96,14 +97,13 @@ def summarize(cfg: Config, c: dict) -> dict:
              "student_minus_teacher_ssim": PAPER["student_ssim"] - PAPER["teacher_ssim"]}
     e = cfg.evaluate
     return {
-        "paper_sd3_1024px": paper, "ours": ours, "ablations": ablations,
+        "paper_sd3_1024px": paper, "ours": ours, "ablations": ablations, "study": c["study"],
         "missing_ablation_runs": len(c["missing_ablations"]),
         "settings": {"num_inference_steps": e.num_inference_steps, "guidance_scale": e.guidance_scale,
                      "conditioning_scale": e.conditioning_scale, "eval_seed": e.seed,
                      "student_stage1_steps": cfg.distill.stage1.train.steps,
                      "student_stage2_steps": cfg.distill.stage2.train.steps,
-                     "ablation_stage1_steps": ab.stage1_steps, "ablation_stage2_steps": ab.stage2_steps,
-                     "ablation_batch_size": ab.batch_size},
+                     "batch_size": cfg.distill.stage1.train.batch_size},
     }
 
 
@@ -111,8 +111,13 @@ def headline(summary: dict) -> dict:
     """The few figures `dvc metrics show` / `dvc exp show` carry (the pipeline's only DVC metrics file):
     quality of each evaluated model, the student - teacher gap, and each ablation's PSNR difference from
     `full`. Timings, per-seed and per-round figures stay in the other files under metrics/."""
-    return {**summary["ours"], **{f"ablation_{v}_psnr_vs_full": row["psnr_delta_vs_full"]
-                                  for v, row in summary["ablations"].items() if v != "full"}}
+    st = summary["study"]
+    gap = st.get("gap_full_minus_teacher", {}).get("psnr")
+    return {**summary["ours"],
+            **({"full_minus_teacher_psnr": gap["mean"], "full_minus_teacher_psnr_ci_low": gap["ci_low"],
+                "full_minus_teacher_psnr_ci_high": gap["ci_high"]} if gap else {}),
+            **{f"ablation_{v}_psnr_vs_full": row["vs_full"]["psnr"]["mean"]
+               for v, row in st["variants"].items() if "vs_full" in row}}
 
 
 # ---------------------------------------------------------------------------------------------- markdown
@@ -197,20 +202,48 @@ def _not_computed(c: dict) -> str:
         f"- {k.upper()}: `{why}`" for k, why in sorted(reasons.items()))
 
 
+def ci(d: dict | None, digits: int = 2) -> str:
+    if not d:
+        return NA
+    return f"{f(d['mean'], digits, True)} [{f(d['ci_low'], digits, True)}, {f(d['ci_high'], digits, True)}]"
+
+
 def _ablation_table(summary: dict, cfg: Config) -> str:
-    ab = ablation_config(cfg)
+    ab, st = cfg.ablations, summary["study"]["variants"]
     rows = []
     for variant in [*ab.headline, *ab.others]:
-        a = summary["ablations"].get(variant)
-        if a is None:
+        a, s = summary["ablations"].get(variant), st.get(variant)
+        if a is None or s is None:
             rows.append([variant, "not run", *[NA] * 7])
             continue
-        rows.append([variant, f(a["n_seeds"], 0), f(a["controlnet_layers"], 0), pm(a["psnr_mean"], a["psnr_std"], 2),
-                     pm(a["ssim_mean"], a["ssim_std"], 4), pm(a["psnr_masked_mean"], a["psnr_masked_std"], 2),
-                     pm(a["agree_psnr_mean"], a["agree_psnr_std"], 2), f(a["psnr_delta_vs_full"], 2, True),
-                     f(a["controlnet_params"], 0)])
-    return table(["Variant", "Seeds", "Layers", "PSNR", "SSIM", "PSNR hole", "PSNR vs teacher", "PSNR vs full",
-                  "ControlNet params"], rows)
+        vs = s.get("vs_full", {})
+        rows.append([variant, f(s["n_seeds"], 0), f(a["total_steps"], 0),
+                     f"{f(s['psnr_mean'])} [{f(s['psnr_ci']['ci_low'])}, {f(s['psnr_ci']['ci_high'])}]",
+                     f(a["psnr_std"]), f(s["ssim_mean"], 4), f(s["psnr_masked_mean"]),
+                     ci(vs.get("psnr")) if vs else "reference", ci(vs.get("psnr_masked")) if vs else "reference"])
+    return table(["Variant", "Seeds", "Steps", "PSNR [CI]", "Seed sd", "SSIM", "PSNR hole",
+                  "PSNR vs full [CI]", "Hole PSNR vs full [CI]"], rows)
+
+
+def _orderings(summary: dict) -> str:
+    paper = summary["paper_sd3_1024px"]
+    rows = []
+    for o in summary["study"]["orderings"]:
+        pa, pb = paper.get(f"{o['better'] if o['better'] != 'full' else 'student'}_psnr"), paper.get(f"{o['worse']}_psnr")
+        rows.append([f"{o['better']} > {o['worse']}", f(None if pa is None or pb is None else pa - pb, 2, True),
+                     ci(o["psnr"]), ci(o["psnr_masked"]), f"**{o['verdict']}**"])
+    if not rows:
+        return ""
+    return table(["Paper's ordering", "Paper PSNR difference", "Ours: PSNR difference [CI]",
+                  "Ours: hole PSNR difference [CI]", "Verdict"], rows)
+
+
+def _gap(summary: dict) -> str:
+    g = summary["study"].get("gap_full_minus_teacher")
+    if not g:
+        return ""
+    return (f"Student (full, mean over its seeds) minus teacher, paired per test image: PSNR {ci(g['psnr'])} dB, "
+            f"hole PSNR {ci(g['psnr_masked'])} dB (paper: {f(summary['paper_sd3_1024px']['student_minus_teacher_psnr'], 2, True)} dB).")
 
 
 def _efficiency(b: dict | None) -> str:
@@ -257,24 +290,31 @@ def render(cfg: Config, summary: dict, c: dict, figures: dict[str, str]) -> str:
         "across the two; compare the orderings and the student-teacher gaps.",
         "## Evaluation settings",
         table(["Setting", "Value"], [
-            ["Test images (first of the test split)", f(eval_n, 0)],
+            ["Test images", f(eval_n, 0)],
             ["Denoising steps", f(s["num_inference_steps"], 0)], ["Guidance scale (CFG)", f(s["guidance_scale"], 1)],
-            ["Conditioning scale", f(s["conditioning_scale"], 1)], ["Seed (same noise for every model)", f(s["eval_seed"], 0)],
-            ["Main student steps (stage 1, stage 2)", f"{f(s['student_stage1_steps'], 0)}, {f(s['student_stage2_steps'], 0)}"],
-            ["Ablation steps (stage 1, stage 2), batch", f"{f(s['ablation_stage1_steps'], 0)}, "
-             f"{f(s['ablation_stage2_steps'], 0)}, {f(s['ablation_batch_size'], 0)}"],
+            ["Conditioning scale", f(s["conditioning_scale"], 1)],
+            ["Noise seed of test image i (same for every model)", f"{f(s['eval_seed'], 0)} + i"],
+            ["Student steps (first stage, second stage), batch; every ablation variant the same",
+             f"{f(s['student_stage1_steps'], 0)}, {f(s['student_stage2_steps'], 0)}, {f(s['batch_size'], 0)}"],
         ]),
         "## Paper vs ours (PSNR, SSIM on the whole image)",
-        "Ablation rows are means ± standard deviation over seeds, trained at the smaller ablation budget.",
+        "Ablation rows are means ± standard deviation over seeds, each variant at the student's budget.",
         _headline(summary, c),
         "## Results on the test split",
         "Hole = the masked region (what is repainted); outside = the unmasked region. *vs teacher*: the model's "
         "output against the teacher's at the same seed (agreement).",
         _results(c),
         _not_computed(c),
-        "## Ablations",
-        "Each variant is trained with the ablation budget and evaluated like the main student.",
+        "## Ablation study",
+        "Every variant trains the student's steps at its batch size and is evaluated like it, on the same test "
+        "images with the same noise per image. PSNR: mean over images of the per-image PSNR averaged over the "
+        "variant's seeds, with a bootstrap CI (level `0.95`, BCa) over images; *vs full*: the paired per-image difference from "
+        "`full` (seed-averaged) and its bootstrap CI (`metrics/study.json`).",
         _ablation_table(summary, cfg),
+        "Verdict per ordering: *reproduced* when the CI of the paired difference excludes zero in the paper's "
+        "direction, *reversed* when it excludes zero in the other, otherwise *not significant*.",
+        _orderings(summary),
+        _gap(summary),
     ]
     if c["missing_ablations"]:
         parts.append("Not run yet: " + ", ".join(f"`{r}`" for r in c["missing_ablations"]))
@@ -299,7 +339,8 @@ def build_report(cfg: Config, metrics: Path, out_md: Path, figures_dir: Path, sa
 
     c = collect(cfg, metrics)
     summary = summarize(cfg, c)
-    write_json(Path(metrics) / "report.json", summary)
+    write_json(Path(metrics) / "report.json", {k: v for k, v in summary.items() if k != "study"})
+    write_json(Path(metrics) / "study.json", summary["study"])
     write_json(Path(metrics) / "headline.json", headline(summary))
     figures_dir = Path(figures_dir)
     figures_dir.mkdir(parents=True, exist_ok=True)

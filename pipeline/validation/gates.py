@@ -14,7 +14,7 @@ from pipeline.config import GatesConfig
 
 from pipeline.data.images import load_manifest
 from pipeline.data.shards import TENSOR_KEYS
-from pipeline.data.synthetic import SPLITS
+from pipeline.config import SPLITS
 from pipeline.validation.gx import Check, run_gate
 
 
@@ -84,6 +84,9 @@ def captions_gate(captions: str | Path, manifest: str | Path, cfg: GatesConfig,
     man = load_manifest(manifest, resolve=False)
     cap["in_manifest"] = cap["id"].isin(set(man["id"]))
     cap["local_differs_from_global"] = cap["global_prompt"].isna() | (cap["local_prompt"] != cap["global_prompt"])
+    # stage 2's premise: unlabelled prompts come from a model that saw only image and mask, never ground truth
+    cap["unlabelled_not_from_ground_truth"] = (cap["split"] != "unlabelled") | \
+        ~cap["caption_source"].isin(["annotations", "caption_noise", "manifest"])
     for col in ("local_prompt", "global_prompt"):
         cap[f"{col}_check"] = cap[col].map(caption_problem)
     c = "captions"
@@ -94,6 +97,8 @@ def captions_gate(captions: str | Path, manifest: str | Path, cfg: GatesConfig,
         Check(c, "ExpectColumnValuesToNotBeNull", {"column": "local_prompt"}, "every row has a local prompt"),
         Check(c, "ExpectColumnValuesToBeInSet", {"column": "local_differs_from_global", "value_set": [True]},
               "local prompt differs from global prompt"),
+        Check(c, "ExpectColumnValuesToBeInSet", {"column": "unlabelled_not_from_ground_truth", "value_set": [True]},
+              "unlabelled rows captioned by a model (caption_source not annotations/caption_noise/manifest)"),
     ]
     for col in ("local_prompt", "global_prompt"):
         checks += [

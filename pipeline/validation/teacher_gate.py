@@ -1,4 +1,4 @@
-"""The tiny world's gate: on the test split, the teacher must inpaint clearly better than the backbone
+"""The tiny world's gate: on the val split (never test: reported numbers only), the teacher must inpaint clearly better than the backbone
 alone (no control residuals). If it does not, the world is too weak to distil from."""
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ GATE_KEYS = ("psnr", "ssim", "psnr_masked", "ssim_masked")
 
 
 def teacher_gate(cfg: Config, scenes_dir: Path, foundation_dir: Path, teacher_dir: Path) -> dict:
-    df = scenes(scenes_dir, ("test",)).head(cfg.evaluate.num_images)
-    metrics, _, _ = evaluate_models(cfg, runtime(cfg).load_foundation(foundation_dir),
-                                    {TEACHER: teacher_dir, BACKBONE_ONLY: None}, df)
+    df = scenes(scenes_dir, ("val",))
+    evals = evaluate_models(cfg, runtime(cfg).load_foundation(foundation_dir),
+                            {TEACHER: teacher_dir, BACKBONE_ONLY: None}, df)
+    metrics = {name: ev.summary for name, ev in evals.items()}
     out = {"n_images": len(df)}
     for name in (TEACHER, BACKBONE_ONLY):
         out.update({f"{name}_{k}": metrics[name][k] for k in GATE_KEYS})

@@ -3,6 +3,7 @@
 import json
 import math
 
+import pandas as pd
 import pytest
 
 from pipeline.config import load
@@ -33,6 +34,10 @@ def test_evaluate_writes_finite_metrics_for_each_model(evaluated):
             assert math.isfinite(m["agree_psnr"]) and math.isfinite(m["agree_ssim"])
         else:
             assert "agree_psnr" not in m
+        table = pd.read_csv(evaluated / "metrics/per_image" / f"{name}.csv")
+        assert len(table) == m["n_images"] and table["psnr"].mean() == pytest.approx(m["psnr"], abs=1e-4)
+    reference = sorted(p.stem for p in (evaluated / "data/eval/teacher").glob("*.png"))
+    assert reference == sorted(pd.read_csv(evaluated / "metrics/per_image/teacher.csv")["id"])
     assert json.loads((evaluated / "metrics/eval/backbone_only.json").read_text())["controlnet_params"] == 0
 
 
@@ -49,16 +54,20 @@ def test_sample_pngs_for_the_report_grid(evaluated):
     assert not list((evaluated / "reports/samples").glob("02_*.png"))  # num_samples = 2
 
 
-def test_every_default_variant_builds_a_valid_config():
+def test_every_default_variant_trains_at_the_headline_budget():
     cfg = load("params.yaml")
-    ab = ablation.ablation_config(cfg)
-    for name in ab.variants:
+    d = cfg.distill
+    for name in cfg.ablations.variants:
         vcfg, two_stage = ablation.variant_config(cfg, name, 1)
-        assert vcfg.seed == 1 and vcfg.distill.stage1.train.batch_size == ab.batch_size
+        assert vcfg.seed == 1 and vcfg.distill.stage1.train.batch_size == d.stage1.train.batch_size
         total = vcfg.distill.stage1.train.steps + (vcfg.distill.stage2.train.steps if two_stage else 0)
-        assert total == ab.stage1_steps + ab.stage2_steps, name  # same total steps for every variant
+        assert total == d.stage1.train.steps + d.stage2.train.steps, name  # same total steps for every variant
     assert ablation.variant_config(cfg, "wo_af", 0)[0].distill.stage2.loss.af == 0
-    assert ablation.variant_config(cfg, "wo_mask", 0)[0].distill.alpha == 0.5
+    wo_mask = ablation.variant_config(cfg, "wo_mask", 0)[0].distill
+    assert wo_mask.alpha == 0.5 and wo_mask.stage1.loss.task == 2.0  # weight 1 on every pixel: plain MSE
+    assert ablation.variant_config(cfg, "stage2_teacher", 0)[0].distill.stage2.noisy == "teacher"
+    assert ablation.is_headline(cfg, "full", cfg.seed) and not ablation.is_headline(cfg, "full", cfg.seed + 1)
+    assert not ablation.is_headline(cfg, "single_stage", cfg.seed)
     s = ablation.variant_config(cfg, "from_scratch", 0)[0].distill.stage1.loss
     assert (s.task, s.distill, s.af) == (1.0, 0.0, 0.0)
     assert ablation.variant_config(cfg, "global_prompt", 0)[0].distill.stage2.prompt == "global"
@@ -67,19 +76,32 @@ def test_every_default_variant_builds_a_valid_config():
         ablation.variant_config(cfg, "nope", 0)
 
 
-@pytest.mark.parametrize("variant,seed", [("full", 0), ("from_scratch", 1)])
-def test_ablation_stage_trains_and_evaluates(eval_ws, variant, seed):
+@pytest.mark.parametrize("variant,seed", [("full", 1), ("from_scratch", 1)])
+def test_ablation_stage_trains_and_evaluates(evaluated, variant, seed):
     from stages import ablate
 
-    with inside(eval_ws):
+    ws = evaluated  # the teacher's reference outputs exist
+    with inside(ws):
         ablate.main([variant, str(seed)])
     name = f"{variant}-s{seed}"
-    m = json.loads((eval_ws / "metrics/ablations" / f"{name}.json").read_text())
-    assert m["seed"] == seed and m["total_steps"] == 3 and math.isfinite(m["psnr"]) and math.isfinite(m["agree_psnr"])
+    m = json.loads((ws / "metrics/ablations" / f"{name}.json").read_text())
+    assert m["seed"] == seed and m["total_steps"] == 6 and math.isfinite(m["psnr"]) and math.isfinite(m["agree_psnr"])
     assert (m["two_stage"] == 1) == (variant == "full")
     assert ("stage1_final_distill" in m) == (variant == "full")
-    assert (eval_ws / "models/ablations" / name / "config.json").exists()
-    assert not (eval_ws / "checkpoints/ablations" / name).exists()
+    assert (ws / "models/ablations" / name / "config.json").exists()
+    assert not (ws / "checkpoints/ablations" / name).exists()
+    assert len(pd.read_csv(ws / "metrics/per_image/ablations" / f"{name}.csv")) == m["n_images"]
+
+
+def test_the_headline_run_is_evaluated_not_retrained(evaluated):
+    from stages import ablate
+
+    with inside(evaluated):
+        ablate.main(["full", "0"])
+    m = json.loads((evaluated / "metrics/ablations/full-s0.json").read_text())
+    assert m["model"] == "models/student" and "stage1_final_distill" not in m
+    student = json.loads((evaluated / "metrics/eval/student.json").read_text())
+    assert m["psnr"] == pytest.approx(student["psnr"], abs=1e-6)  # same model, images and noise
 
 
 def test_benchmark_writes_costs_and_speedups(eval_ws):

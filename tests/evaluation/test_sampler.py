@@ -46,13 +46,14 @@ def run_both(s, guidance, steps=3, seed=7):
     cfg, size = s["cfg"], s["cfg"].data.image_size
     prompts = list(s["df"]["local_prompt"])
     ours = inpaint_images(s["pipe"], s["student"], STUDENT_CONVENTION, s["images"], s["masks"], prompts,
-                          num_inference_steps=steps, guidance_scale=guidance, conditioning_scale=1.0, seed=seed,
+                          num_inference_steps=steps, guidance_scale=guidance, conditioning_scale=1.0,
+                          seeds=[seed + i for i in range(len(prompts))],
                           max_sequence_length=cfg.text.max_sequence_length)
     stock = s["stock"](
         prompts, control_image=[Image.open(p).convert("RGB") for p in s["df"]["image"]],
         control_mask=[Image.open(p).convert("L") for p in s["df"]["mask"]], height=size, width=size,
         num_inference_steps=steps, guidance_scale=guidance, controlnet_conditioning_scale=1.0,
-        max_sequence_length=cfg.text.max_sequence_length, generator=torch.Generator().manual_seed(seed),
+        max_sequence_length=cfg.text.max_sequence_length, generator=[torch.Generator().manual_seed(seed + i) for i in range(len(prompts))],
         output_type="pt").images
     return (ours + 1) / 2, stock
 

@@ -270,10 +270,10 @@ def test_a_bad_value_in_any_section_fails_before_any_stage_runs(tmp_path):
     from pipeline.config import ConfigError
 
     root = _make_project(tmp_path / "p")
-    with pytest.raises(ConfigError, match=r"ablations\.stage1_steps: Input should be greater than or equal to 1"):
-        flows.apply_parameters(root, None, {"ablations.stage1_steps": -5})
-    assert yaml.safe_load((root / "params.yaml").read_text())["ablations"]["stage1_steps"] == 30   # put back
-    (root / "params.yaml").write_text((root / "params.yaml").read_text().replace("stage1_steps: 30", "stage1_steps: -5"))
-    with pytest.raises(ConfigError, match=r"ablations\.stage1_steps"):
+    with pytest.raises(ConfigError, match=r"trajectories\.points_per_image: Input should be greater than or equal to 1"):
+        flows.apply_parameters(root, None, {"trajectories.points_per_image": -5})
+    assert yaml.safe_load((root / "params.yaml").read_text())["trajectories"]["points_per_image"] == 2   # put back
+    (root / "params.yaml").write_text((root / "params.yaml").read_text().replace("points_per_image: 2", "points_per_image: -5"))
+    with pytest.raises(ConfigError, match=r"trajectories\.points_per_image"):
         flows.apply_parameters(root)          # no profile, no overrides: the workspace's file is checked too
     assert not (root / "data/x.txt").exists()

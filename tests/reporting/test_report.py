@@ -83,7 +83,27 @@ def test_report_holds_the_papers_figures_and_ours(report):
     a = summary["ablations"]["full"]
     assert a["n_seeds"] == 2 and a["psnr_mean"] == pytest.approx(sum(full) / 2)
     assert f"{a['psnr_mean']:.2f} ± {a['psnr_std']:.2f}" in md
-    assert "Not run yet" in md and "`layers_10-s0`" in md  # asked for by params, not run in this test
+    assert "Not run yet" in md and "`wo_af-s0`" in md  # asked for by params, not run in this test
+
+
+def test_study_pairs_images_and_gives_a_verdict_per_ordering(report):
+    import pandas as pd
+
+    from pipeline.evaluation.stats import paired_difference
+
+    study = json.loads((report / "metrics/study.json").read_text())
+    full, scratch = study["variants"]["full"], study["variants"]["from_scratch"]
+    assert full["seeds"] == [0, 1] and full["n_images"] == scratch["n_images"] > 0
+    per = {v: sum(pd.read_csv(report / f"metrics/per_image/ablations/{v}-s{s}.csv")["psnr"] for s in (0, 1)) / 2
+           for v in ("full", "from_scratch")}
+    want = paired_difference(per["from_scratch"], per["full"])
+    assert scratch["vs_full"]["psnr"]["mean"] == pytest.approx(want["mean"], abs=1e-4)
+    assert scratch["vs_full"]["psnr"]["ci_low"] <= want["mean"] <= scratch["vs_full"]["psnr"]["ci_high"]
+    (order,) = study["orderings"]  # only full > from_scratch has both sides in this test
+    assert (order["better"], order["worse"]) == ("full", "from_scratch")
+    assert order["verdict"] in ("reproduced", "not significant", "reversed")
+    md = (report / "reports/report.md").read_text()
+    assert f"**{order['verdict']}**" in md and "gap_full_minus_teacher" in study
 
 
 def test_report_figures_exist(report):
