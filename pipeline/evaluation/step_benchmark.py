@@ -11,7 +11,7 @@ the same noise per round (pipeline.training.step_generator):
   ControlNet: student + frozen backbone forward, the flow-matching loss (pipeline.models.flow), backward,
   optimizer step; no teacher. Same train_step, same optimizer settings.
 * ``compiled`` (``step_benchmark.compile`` non-empty): the distill arm with those modules torch.compiled
-  (DistillLoss's ``compile``, what ``distill.compile`` switches on for all three): compile seconds (the
+  block by block (DistillLoss's ``compile``; ``distill.compile`` switches on all three): compile seconds (the
   probe's and the first steps' time beyond the steady state), steady-state step time, break-even steps.
   If inductor fails here, the error is recorded and the arm is reported as not available.
 
@@ -24,6 +24,7 @@ of the model's width, (batch x tokens, width) @ (width, width), in the compute d
 
 from __future__ import annotations
 
+import copy
 import os
 import statistics
 import tempfile
@@ -144,7 +145,9 @@ def _run(cfg: Config, bcfg: StepBenchmarkConfig, foundation: Path, teacher: Path
     batch = {k: v.to(device) for k, v in data.batch(idx).items()}
 
     def distill_arm(name: str, compile_: list[str]) -> Arm:
-        student, loss_fn = student_and_loss(cfg, STAGE, backbone, teacher_model, empty=empty, compile=compile_)
+        # compiling is in place (pipeline.distill.trainer.compile_blocks): that arm gets its own frozen copies
+        bb, te = (copy.deepcopy(backbone), copy.deepcopy(teacher_model)) if compile_ else (backbone, teacher_model)
+        student, loss_fn = student_and_loss(cfg, STAGE, bb, te, empty=empty, compile=compile_)
         return Arm(name, acc, cfg, student, loss_fn, data, batch)
 
     plain_student = build_student(cfg, backbone, None)  # the same initial weights as the distill arm's
