@@ -21,6 +21,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from pipeline.atomic import write_dir
 from pipeline.config import Config, deep_merge, from_dict
 
 
@@ -63,6 +64,9 @@ def run_ablation(cfg: Config, variant: str, seed: int, *, foundation: Path, teac
     metrics: dict = {}
     if is_headline(cfg, variant, seed):
         model = Path(headline)
+        with write_dir(out_dir) as tmp:  # the run's DVC output: a pointer, not a second copy of the weights
+            (tmp / "README.md").write_text(f"{run_name(variant, seed)} is the headline student: {model} "
+                                           "(same Config; evaluated, not trained again).\n")
     else:
         model = out_dir
         shutil.rmtree(work_dir, ignore_errors=True)

@@ -13,7 +13,7 @@ from pipeline.data import prompts
 from pipeline.data.images import load_manifest, read_images, read_masks
 from pipeline.data.synthetic import MANIFEST_COLUMNS, generate_scenes, make_scene, scene_rng
 
-SMALL = {"data": {"splits": {"labelled": 12, "unlabelled": 8, "val": 4, "test": 4}, "random_mask_fraction": 0.5}}
+SMALL = {"data": {"splits": {"labelled": 12, "unlabelled": 8, "val": 4, "test": 4, "world": 6}, "random_mask_fraction": 0.5}}
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +27,8 @@ def scenes(tmp_path_factory):
 def test_manifest_layout(scenes):
     cfg, out, df = scenes
     assert list(df.columns) == MANIFEST_COLUMNS
-    assert df.groupby("split").size().to_dict() == {"labelled": 12, "unlabelled": 8, "val": 4, "test": 4}
-    assert df.id.is_unique and df.id.str.match(r"^(labelled|unlabelled|val|test)-\d{6}$").all()
+    assert df.groupby("split").size().to_dict() == {"labelled": 12, "unlabelled": 8, "val": 4, "test": 4, "world": 6}
+    assert df.id.is_unique and df.id.str.match(r"^(labelled|unlabelled|val|test|world)-\d{6}$").all()
     assert not list(out.parent.glob(".scenes.tmp-*"))  # atomic: no temp dir left
     assert set(df.mask_kind) <= {"object", "box", "stroke"}
     assert ((df.object_index == -1) == (df.mask_kind != "object")).all()

@@ -100,6 +100,7 @@ def test_the_headline_run_is_evaluated_not_retrained(evaluated):
         ablate.main(["full", "0"])
     m = json.loads((evaluated / "metrics/ablations/full-s0.json").read_text())
     assert m["model"] == "models/student" and "stage1_final_distill" not in m
+    assert "headline student" in (evaluated / "models/ablations/full-s0/README.md").read_text()  # its DVC output
     student = json.loads((evaluated / "metrics/eval/student.json").read_text())
     assert m["psnr"] == pytest.approx(student["psnr"], abs=1e-6)  # same model, images and noise
 
