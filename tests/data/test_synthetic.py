@@ -11,7 +11,7 @@ from pipeline.config import ConfigError
 from tests.params import config
 from pipeline.data import prompts
 from pipeline.data.images import load_manifest, read_images, read_masks
-from pipeline.data.synthetic import MANIFEST_COLUMNS, generate_scenes, make_scene, scene_rng
+from pipeline.data.synthetic import MANIFEST_COLUMNS, SPLIT_CODES, generate_scenes, make_scene, scene_rng
 
 SMALL = {"data": {"splits": {"labelled": 12, "unlabelled": 8, "val": 4, "test": 4, "world": 6}, "random_mask_fraction": 0.5}}
 
@@ -113,3 +113,21 @@ def test_readers(scenes):
 def test_bad_params_name_key(raw, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         config(raw)
+
+
+def test_the_world_split_trains_the_world_and_nothing_else(tmp_path):
+    """Data roles: the tiny world's VAE, backbone and teacher read the world split only, and no world scene
+    becomes a triplet (so the teacher never saw a labelled, unlabelled, val or test image)."""
+    from pipeline.config import SPLITS
+    from pipeline.data.triplets import load_input
+    from pipeline.foundation.data import TRAIN_SPLITS, scenes
+
+    cfg = config(SMALL)
+    df = generate_scenes(cfg.data, cfg.seed, tmp_path / "scenes", progress=False)
+    assert TRAIN_SPLITS == ("world",) and "world" not in SPLITS
+    world = scenes(tmp_path / "scenes", TRAIN_SPLITS)
+    assert set(world["split"]) == {"world"} and len(world) == 6
+    rows = load_input(cfg.triplets, tmp_path / "scenes" / "manifest.parquet")
+    assert set(rows["split"]) == set(SPLITS) and not rows["id"].isin(world["id"]).any()
+    # adding the world split changed no other split's scenes: codes of the four splits are as before
+    assert [SPLIT_CODES[s] for s in SPLITS] == [0, 1, 2, 3] and len(df) == 34
