@@ -8,7 +8,9 @@
    ControlNet-only and full-step (ControlNet + backbone) latency of teacher vs student, and one stage-1
    training step exactly as distillation runs it (pipeline.distill.trainer's student and DistillLoss
    through pipeline.training.train_step, with the sd3 profile's precision, gradient checkpointing and
-   optimizer), samples/s and peak memory. Timings read the clock after the GPU finished (pipeline.timing).
+   optimizer), samples/s and peak memory; then the same step with student, backbone and teacher
+   torch.compiled block by block as ``distill.compile`` does (compile seconds, steady-state step time,
+   speedup; ``--no-compile`` skips it). Timings read the clock after the GPU finished (pipeline.timing).
 
 ``--dry-run`` (or no GPU): parameter counts and the memory plan from the real configs (meta tensors,
 no allocation), then exit 0 with a clear message. ``--tiny``: the benchmark code at toy size on CPU.
@@ -106,9 +108,11 @@ def inputs(shape: Shape, batch: int, device) -> dict:
 
 
 def benchmark(shape: Shape, device="cuda", dtype=torch.bfloat16, batch: int = 1, repeats: int = 5,
-              train_batch: int | None = None) -> dict:
+              train_batch: int | None = None, compile: bool = False) -> dict:
     """Latencies of teacher and student, then one stage-1 training step: the sd3 profile's params (loss
-    weights, precision ``dtype``, gradient checkpointing, optimizer, lr) through the trainer's own code."""
+    weights, precision ``dtype``, gradient checkpointing, optimizer, lr) through the trainer's own code.
+    ``compile``: then the same step with student, backbone and teacher torch.compiled block by block, as
+    ``distill.compile`` does (pipeline.distill.trainer.compile_blocks): compile seconds, steady-state step."""
     from accelerate import Accelerator
 
     from pipeline.config import deep_merge, from_dict
@@ -171,6 +175,21 @@ def benchmark(shape: Shape, device="cuda", dtype=torch.bfloat16, batch: int = 1,
     out["train_samples_per_s"] = tb / (out["train_step_ms"] / 1000)
     if cuda:
         out["train_peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    if compile:  # after the eager figures: compiling is in place
+        from pipeline.distill.trainer import compile_blocks
+        from pipeline.timing import stopwatch
+
+        try:
+            for m in (student, backbone, teacher):
+                compile_blocks(m)
+            with stopwatch(device) as first:
+                one_step()
+            out["compiled_first_step_s"] = first.seconds
+            out["compiled_train_step_ms"] = median_ms(one_step, 1, max(1, repeats // 2), device)
+            out["compiled_speedup"] = out["train_step_ms"] / out["compiled_train_step_ms"]
+            out["compile_seconds"] = first.seconds - out["compiled_train_step_ms"] / 1000
+        except Exception as exc:  # noqa: BLE001 - record why (no compiler, inductor error), fake nothing
+            out["compiled"] = f"not available: {type(exc).__name__}: {str(exc)[:500]}"
     return out
 
 
@@ -269,13 +288,16 @@ def main(argv=None) -> int:
     ap.add_argument("--train-batch", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--smoke-timeout", type=int, default=240)
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd training step (CUDA)")
+    ap.add_argument("--compile-tiny", action="store_true", help="--tiny: also the compiled step (minutes on CPU)")
     ap.add_argument("--require-gpu", action="store_true", help="exit 2 (not 0) when there is no GPU")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args(argv)
 
     results: dict = {}
     if args.tiny:
-        results["bench_tiny"] = benchmark(tiny_shape(), device="cpu", dtype=torch.float32, batch=1, repeats=1)
+        results["bench_tiny"] = benchmark(tiny_shape(), device="cpu", dtype=torch.float32, batch=1, repeats=1,
+                                          compile=args.compile_tiny)
         print(json.dumps(results, indent=2))
         return 0
     has_gpu = torch.cuda.is_available()
@@ -293,7 +315,7 @@ def main(argv=None) -> int:
     if not args.skip_bench:
         torch.backends.cuda.matmul.allow_tf32 = True
         results["bench"] = benchmark(realistic_shape(args.image_size), "cuda", torch.bfloat16, args.batch,
-                                     args.repeats, args.train_batch)
+                                     args.repeats, args.train_batch, compile=not args.no_compile)
         print(json.dumps({"bench": results["bench"]}, indent=2), flush=True)
         torch.cuda.empty_cache()
     if not args.skip_smoke:

@@ -37,7 +37,12 @@ def compile_blocks(module: torch.nn.Module) -> torch.nn.Module:
     shapes, so Loop's batch-1 probe gets its own graph instead of making the training batch's dynamic). The
     blocks share code and shapes, so one compiled graph serves all of them: compiling the whole model costs
     minutes per process on the CPU (a 24-block tiny-world backbone: ~10 min with 2 busy cores). The module
-    itself, its parameters and state_dict keys are unchanged: Loop trains, keys and saves it as it is."""
+    itself, its parameters and state_dict keys are unchanged: Loop trains, keys and saves it as it is.
+    Graphs per block code: grad / no grad (student / teacher) x probe / training batch x SD3's last block:
+    dynamo's default limit of 8 would leave the rest eager, so it is raised."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for block in module.transformer_blocks:
         block.compile(dynamic=False)
     return module

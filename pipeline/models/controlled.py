@@ -27,7 +27,8 @@ class Controlled:
         wrapped for training (DDP), when it is. Inputs are cast to the ControlNet's dtype: a float32 student
         beside bf16 frozen models (runtime policy) without autocast; a no-op when they agree."""
         dt = self.controlnet.dtype
-        return list((controlnet or self.controlnet)(
+        net = self.controlnet if controlnet is None else controlnet  # not `or`: a compiled module has no bool
+        return list(net(
             hidden_states=noisy.to(dt), timestep=timesteps, encoder_hidden_states=prompt_embeds.to(dt),
             pooled_projections=torch.zeros_like(pooled, dtype=dt), controlnet_cond=control.to(dt),
             conditioning_scale=scale, return_dict=False,
