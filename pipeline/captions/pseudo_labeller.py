@@ -1,16 +1,17 @@
 """`pseudo_labeller` backend: a small CNN that captions the unlabelled split in Qwen2.5-VL's role.
 
 Stage 2 trains on masked images whose local prompts come from a vision-language model, never from ground
-truth. In the tiny world that model is this one: it reads an image and a mask (4 channels: RGB in [-1, 1],
-mask in {-1, 1}) and predicts the background and, for every (colour, shape) group of the params' data
-section, how many of its objects lie under the mask (0..data.max_objects) and the layer of the first one (the
-prompt grammar lists groups in layer order). The same network with an all-ones mask reads the whole image:
-the global prompt. Predictions are rendered by pipeline.data.prompts, so the text has exactly the
+truth. In the tiny world that model is this one: it reads the image (RGB in [-1, 1]) and gives every pixel its
+(colour, shape) group of the params' data section or background, and the layer of the object there, plus the
+scene's background texture and each group's object count. The mask enters only at decoding, through
+annotate's covering rule (a group is under the mask when at least prompts.COVER_THRESHOLD of its pixels are in
+the hole); groups are listed by their pixels' mean layer (the grammar's order). The global prompt is the same
+reading without the mask. Predictions are rendered by pipeline.data.prompts, so the text has exactly the
 annotations' grammar and the two are compared string for string.
 
-Targets come from the labelled split's annotations with the rule of pipeline.captions.annotations.annotate
-(object_index when the mask is an object's, else the instance map's covered objects). Captioning reads only
-each row's image and mask files. Saved as model.safetensors + config.json (no pickle).
+Targets come from the labelled split's instance maps and objects records. Captioning reads only each row's
+image and mask files. Saved as model.safetensors + config.json (no pickle). Val accuracy is still short of
+the goal (see params.yaml caption.pseudo_labeller): per-pixel shape classification is the weak part.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from pipeline.data import prompts
 from pipeline.data.images import load_mask, read_images, read_masks
 
 FORMAT = "refine-control pseudo_labeller"
-IGNORE = -100  # no layer target for a group that is absent
+IGNORE = -100  # no layer target for a group that is absent (or a background pixel)
+MIN_AREA = 0.024  # share of the image a group's pixels need to count as in it (smaller: stray pixels)
 
 
 @dataclass(frozen=True)
@@ -68,33 +70,47 @@ class Reading:
         return prompts.global_prompt(self.objects, self.background)
 
 
-class RegionReader(nn.Module):
-    """Conv-BN-ReLU blocks (each after the first halves the side), pooled over the image and over the mask,
-    three linear heads."""
+class SceneReader(nn.Module):
+    """Reads the image alone (the mask enters only at decoding, through the covering rule).
+
+    Conv-BN-ReLU blocks (the first at full resolution, each later one halves the side); a dense head at the
+    second block's resolution (every later block upsampled to it, plus the pooled scene) gives each pixel its
+    (colour, shape) group or background and the layer of the object there; linear heads on the pooled scene
+    give the background texture and each group's object count."""
 
     def __init__(self, channels: tuple[int, ...], n_backgrounds: int, n_groups: int, max_objects: int):
         super().__init__()
-        layers, c_in = [], 4
+        blocks, c_in = [], 3
         for i, c in enumerate(channels):
-            layers += [nn.Conv2d(c_in, c, 3, 1 if i == 0 else 2, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU()]
+            layers = [nn.Conv2d(c_in, c, 3, 1 if i == 0 else 2, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU()]
+            blocks.append(nn.Sequential(*layers))
             c_in = c
-        self.features = nn.Sequential(*layers)
+        self.blocks = nn.ModuleList(blocks)
         self.n_groups, self.max_objects = n_groups, max_objects
-        self.background = nn.Linear(4 * c_in, n_backgrounds)
-        self.count = nn.Linear(4 * c_in, n_groups * (max_objects + 1))
-        self.first = nn.Linear(4 * c_in, n_groups * max_objects)
+        self.dense_from = min(1, len(channels) - 1)
+        pooled = 2 * sum(channels[self.dense_from:])
+        hidden = channels[-1]
+        self.dense_in = nn.Conv2d(sum(channels[self.dense_from:]), hidden, 1)
+        self.dense_scene = nn.Linear(pooled, hidden, bias=False)  # the pooled scene, added at every pixel
+        self.dense_out = nn.Conv2d(hidden, 1 + n_groups + max_objects, 1)
+        self.background = nn.Linear(pooled, n_backgrounds)
+        self.count = nn.Linear(pooled, n_groups * (max_objects + 1))
 
-    def forward(self, image: torch.Tensor, mask: torch.Tensor):
-        h = self.features(torch.cat([image, mask * 2 - 1], 1))
-        # mean pooling keeps how much of each thing there is (counts), max pooling that it is there at all;
-        # both again over the hole only, which hands the heads the region's own features (the local reading)
-        m = F.adaptive_avg_pool2d(mask, h.shape[-2:])
-        inside = (h * m).sum((2, 3)) / m.sum((2, 3)).clamp_min(1e-6)
-        inside_max = h.masked_fill(m <= 0, 0).amax((2, 3))  # ReLU features: 0 is their floor
-        h = torch.cat([h.mean((2, 3)), h.amax((2, 3)), inside, inside_max], 1)
-        b = h.shape[0]
-        return (self.background(h), self.count(h).view(b, self.n_groups, self.max_objects + 1),
-                self.first(h).view(b, self.n_groups, self.max_objects))
+    def forward(self, image: torch.Tensor):
+        """(group logits (B,1+G,S,S), layer logits (B,L,S,S), background logits, count logits (B,G,L+1))."""
+        feats, h = [], image
+        for blk in self.blocks:
+            h = blk(h)
+            feats.append(h)
+        feats = feats[self.dense_from:]
+        side = feats[0].shape[-2:]
+        pooled = torch.cat([f.mean((2, 3)) for f in feats] + [f.amax((2, 3)) for f in feats], 1)
+        up = [f if f.shape[-2:] == side else F.interpolate(f, size=side, mode="nearest") for f in feats]
+        dense = self.dense_out(F.relu(self.dense_in(torch.cat(up, 1)) + self.dense_scene(pooled)[:, :, None, None]))
+        dense = F.interpolate(dense, size=image.shape[-2:], mode="bilinear", align_corners=False)
+        b = image.shape[0]
+        return (dense[:, :1 + self.n_groups], dense[:, 1 + self.n_groups:], self.background(pooled),
+                self.count(pooled).view(b, self.n_groups, self.max_objects + 1))
 
 
 # ------------------------------------------------------------------------------------------ targets
@@ -155,7 +171,7 @@ def read_inputs(rows: list[dict], size: int) -> tuple[torch.Tensor, torch.Tensor
 # ------------------------------------------------------------------------------------------ the model
 
 class PseudoLabeller:
-    def __init__(self, model: RegionReader, vocab: Vocab, image_size: int, channels: tuple[int, ...],
+    def __init__(self, model: SceneReader, vocab: Vocab, image_size: int, channels: tuple[int, ...],
                  device: torch.device | str = "cpu"):
         self.model, self.vocab, self.image_size, self.channels = model, vocab, image_size, tuple(channels)
         self.device = torch.device(device)
@@ -163,41 +179,56 @@ class PseudoLabeller:
 
     @classmethod
     def new(cls, vocab: Vocab, image_size: int, channels: tuple[int, ...], device="cpu") -> "PseudoLabeller":
-        model = RegionReader(tuple(channels), len(vocab.backgrounds), len(vocab.groups), vocab.max_objects)
+        model = SceneReader(tuple(channels), len(vocab.backgrounds), len(vocab.groups), vocab.max_objects)
         return cls(model, vocab, image_size, channels, device)
 
-    def decode(self, bg: torch.Tensor, count: torch.Tensor, first: torch.Tensor, whole: bool) -> list[Reading]:
-        groups = self.vocab.groups
+    def decode(self, outputs, masks: torch.Tensor) -> tuple[list[Reading], list[Reading]]:
+        """(local readings under `masks`, global readings) from one pass over the images.
+
+        Each pixel takes its likeliest group (or background); a group is in the image when it holds at least
+        MIN_AREA of the image, and under the mask by annotate's rule: at least prompts.COVER_THRESHOLD of its
+        pixels in the hole. Groups are listed by the mean layer of their pixels (the grammar's order)."""
+        group_logits, layer_logits, bg, count = outputs
+        groups, n_groups = self.vocab.groups, len(self.vocab.groups)
+        label = group_logits.argmax(1)  # (B,S,S): 0 = background, 1 + g
+        onehot = F.one_hot(label, 1 + n_groups)[..., 1:].float()  # (B,S,S,G)
+        area = onehot.sum((1, 2))
+        inside = (onehot * masks[:, 0, :, :, None]).sum((1, 2))
+        layer = (layer_logits.softmax(1) * torch.arange(layer_logits.shape[1], device=label.device)[:, None, None]
+                 ).sum(1)  # (B,S,S) expected layer
+        mean_layer = (onehot * layer[..., None]).sum((1, 2)) / area.clamp_min(1)
         counts = count.argmax(-1)
-        if whole:
-            # a scene has at least data.min_objects objects: a whole-image reading that finds none names the
-            # likeliest group (else the global prompt would be a bare background, like a local one)
-            empty = counts.sum(1) == 0
-            counts[empty, (1 - count.softmax(-1)[..., 0])[empty].argmax(-1)] = 1
-        layer = (first.softmax(-1) * torch.arange(first.shape[-1], device=first.device)).sum(-1)
-        present = 1 - count.softmax(-1)[..., 0]
-        out = []
-        for b in range(bg.shape[0]):
-            # a scene holds at most data.max_objects objects: keep the surest groups up to that many (an
-            # undertrained model would otherwise name dozens)
-            kept, room = {}, self.vocab.max_objects
-            for g in sorted(torch.nonzero(counts[b]).flatten().tolist(), key=lambda g: -present[b, g].item()):
+        local, glob = [], []
+        for b in range(label.shape[0]):
+            present = [g for g in range(n_groups) if area[b, g] >= MIN_AREA * label[b].numel()]
+            # a scene holds at least one object (data.min_objects) and at most data.max_objects
+            if not present:
+                present = [int(area[b].argmax())]
+            present = sorted(present, key=lambda g: -float(area[b, g]))
+            n_of, room = {}, self.vocab.max_objects
+            for g in present:
                 if room > 0:
-                    kept[g] = min(int(counts[b, g]), room)
-                    room -= kept[g]
-            order = sorted(kept, key=lambda g: (layer[b, g].item(), g))  # the grammar lists groups in layer order
-            objects = [{"color": groups[g][0], "shape": groups[g][1]} for g in order for _ in range(kept[g])]
-            out.append(Reading(self.vocab.backgrounds[int(bg[b].argmax())], objects))
-        return out
+                    n_of[g] = min(max(1, int(counts[b, g])), room)
+                    room -= n_of[g]
+            order = sorted(n_of, key=lambda g: (float(mean_layer[b, g]), g))
+            background = self.vocab.backgrounds[int(bg[b].argmax())]
+            glob.append(Reading(background, [{"color": groups[g][0], "shape": groups[g][1]}
+                                             for g in order for _ in range(n_of[g])]))
+            objects = []
+            for g in order:
+                frac = float(inside[b, g] / area[b, g])
+                if frac >= prompts.COVER_THRESHOLD:
+                    # several objects of a group: the share of them the hole holds (at least one)
+                    k = min(n_of[g], max(1, round(frac * n_of[g])))
+                    objects += [{"color": groups[g][0], "shape": groups[g][1]}] * k
+            local.append(Reading(background, objects))
+        return local, glob
 
     @torch.no_grad()
     def read(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[list[Reading], list[Reading]]:
         """(local readings under `masks`, global readings of the whole images)."""
         self.model.eval()
-        images, masks = images.to(self.device), masks.to(self.device)
-        loc = self.model(images, masks)
-        glo = self.model(images, torch.ones_like(masks))
-        return self.decode(*loc, whole=False), self.decode(*glo, whole=True)
+        return self.decode(self.model(images.to(self.device)), masks.to(self.device))
 
     def read_rows(self, rows: list[dict], batch_size: int = 256, progress: bool = False):
         local, glob = [], []
@@ -241,18 +272,46 @@ class PseudoLabeller:
 
 # ------------------------------------------------------------------------------------------ training
 
-def _loss(outputs, bg, count, first) -> torch.Tensor:
-    bg_logits, count_logits, first_logits = outputs
-    # counts: summed over groups (one mistake in one group is a wrong prompt), averaged over rows
-    count_loss = F.cross_entropy(count_logits.flatten(0, 1), count.flatten(), reduction="sum") / count.shape[0]
-    layer_loss = F.cross_entropy(first_logits.flatten(0, 1), first.flatten(), ignore_index=IGNORE) \
-        if (first != IGNORE).any() else count_loss * 0
-    return F.cross_entropy(bg_logits, bg) + count_loss + layer_loss
+def _loss(outputs, group, layer, bg, count) -> torch.Tensor:
+    group_logits, layer_logits, bg_logits, count_logits = outputs
+    # counts: averaged over groups and rows (whether a group is there at all comes from the dense head)
+    count_loss = F.cross_entropy(count_logits.flatten(0, 1), count.flatten())
+    layer_loss = F.cross_entropy(layer_logits, layer, ignore_index=IGNORE) if (layer != IGNORE).any() \
+        else count_loss * 0
+    return F.cross_entropy(group_logits, group) + layer_loss + F.cross_entropy(bg_logits, bg) + count_loss
+
+
+def dense_targets(objects: list[dict], instances: np.ndarray, vocab: Vocab) -> tuple[np.ndarray, np.ndarray]:
+    """Per pixel: 0 (background) or 1 + the group of the object there; the object's layer (IGNORE off objects)."""
+    index = {g: i for i, g in enumerate(vocab.groups)}
+    lut_group = np.zeros(256, np.int64)
+    lut_layer = np.full(256, IGNORE, np.int64)
+    for k, obj in enumerate(objects):
+        lut_group[k + 1] = 1 + index[(obj["color"], obj["shape"])]
+        lut_layer[k + 1] = min(k, vocab.max_objects - 1)
+    return lut_group[instances], lut_layer[instances]
+
+
+def _load_instances(rows: list[dict], size: int) -> torch.Tensor:
+    """Instance maps (B,S,S) uint8 (0 = background, k = object k-1), resized with nearest at `size`."""
+    out = []
+    for r in rows:
+        img = Image.open(r["instances"]).convert("L")
+        if img.size != (size, size):
+            img = img.resize((size, size), Image.NEAREST)
+        out.append(np.asarray(img))
+    return torch.from_numpy(np.stack(out))
 
 
 def train(rows: list[dict], cfg: PseudoLabellerConfig, data: DataConfig, seed: int,
           progress: bool = True) -> tuple[PseudoLabeller, dict]:
-    """Train on annotated rows (image, mask, objects, background, object_index, instances); seeded."""
+    """Train on annotated rows (image, mask, objects, background, object_index, instances); seeded.
+
+    The model reads images only: it learns each pixel's group and layer from the instance maps and the scene's
+    background and group counts from the objects records; the mask enters at decoding (annotate's covering
+    rule), so no mask is drawn here. The split is held in memory at cfg.image_size (images and per-pixel
+    targets: ~16 bytes a pixel, 2,048 rows at 32 px ~ 34 MB), whatever data.image_size is: rows are resized
+    on reading; read the rows in chunks if this does not fit."""
     from pipeline.runtime import resolve_device
 
     if not rows:
@@ -262,8 +321,13 @@ def train(rows: list[dict], cfg: PseudoLabellerConfig, data: DataConfig, seed: i
     gen = torch.Generator().manual_seed(seed)
     device = resolve_device(cfg.device)
     vocab = Vocab.from_data(data)
-    images, masks = read_inputs(rows, cfg.image_size)
+    images = read_images([r["image"] for r in rows], cfg.image_size)
+    instances = _load_instances(rows, cfg.image_size).numpy()
     t = labelled_targets(rows, vocab)
+    dense = [dense_targets(json.loads(r["objects"]), inst, vocab) for r, inst in zip(rows, instances)]
+    group = torch.from_numpy(np.stack([d[0] for d in dense]).astype(np.int16))
+    layer = torch.from_numpy(np.stack([d[1] for d in dense]).astype(np.int16))
+    del dense, instances
     pl = PseudoLabeller.new(vocab, cfg.image_size, cfg.channels, device)
     model = pl.model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -276,18 +340,14 @@ def train(rows: list[dict], cfg: PseudoLabellerConfig, data: DataConfig, seed: i
         perm = torch.randperm(len(rows), generator=gen)
         for start in range(0, len(rows), cfg.batch_size):
             idx = perm[start:start + cfg.batch_size]
-            img, msk = images[idx], masks[idx]
+            x, g, lay = images[idx], group[idx].long(), layer[idx].long()
             # horizontal flips: every shape is left-right symmetric, so the targets stay the same
             flip = torch.rand(len(idx), generator=gen) < 0.5
-            img = torch.where(flip[:, None, None, None], img.flip(-1), img)
-            msk = torch.where(flip[:, None, None, None], msk.flip(-1), msk)
-            # each row read twice: under its mask (local prompt) and whole (global prompt)
-            x = torch.cat([img, img]).to(device)
-            m = torch.cat([msk, torch.ones_like(msk)]).to(device)
-            bg = torch.cat([t["bg"][idx], t["bg"][idx]]).to(device)
-            count = torch.cat([t["count"][idx], t["g_count"][idx]]).to(device)
-            first = torch.cat([t["first"][idx], t["g_first"][idx]]).to(device)
-            loss = _loss(model(x, m), bg, count, first)
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            g = torch.where(flip[:, None, None], g.flip(-1), g)
+            lay = torch.where(flip[:, None, None], lay.flip(-1), lay)
+            loss = _loss(model(x.to(device)), g.to(device), lay.to(device), t["bg"][idx].to(device),
+                         t["g_count"][idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -297,7 +357,7 @@ def train(rows: list[dict], cfg: PseudoLabellerConfig, data: DataConfig, seed: i
     bar.close()
     model.eval()
     return pl, {"rows": len(rows), "steps": total, "final_loss": float(loss.item()),
-                "seconds": round(time.perf_counter() - t0, 2)}
+                "seconds": round(time.perf_counter() - t0, 2), "threads": torch.get_num_threads()}
 
 
 # ------------------------------------------------------------------------------------------ evaluation
