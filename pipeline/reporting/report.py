@@ -58,6 +58,8 @@ def collect(cfg: Config, metrics: Path) -> dict:
         "eval": {n: m for n in EVAL_ORDER if (m := _read(metrics / "eval" / f"{n}.json")) is not None},
         "ablations": runs, "missing_ablations": missing,
         "benchmark": _read(metrics / "benchmark.json"),
+        "step_benchmark": _read(metrics / "step_benchmark.json"),
+        "pseudo_labeller": _read(metrics / "pseudo_labeller.json"),
         "distill": {p.stem: _read(p) for p in sorted((metrics / "distill").glob("*.json"))},
         "study": study(ab, metrics / "per_image"),
     }
@@ -265,6 +267,39 @@ def _efficiency(b: dict | None) -> str:
                   "ControlNet peak MiB", "Step peak MiB"], rows)
 
 
+def _pseudo_labeller(p: dict | None) -> str:
+    if not p or not p.get("used"):
+        return ("The unlabelled split is not captioned by the pseudo-labeller in this profile "
+                "(`caption.unlabelled_backend`)." if p else "")
+    v = p["val"]
+    rows = [[reading, f(v[f"{reading}_exact_match"], 3), f(v[f"majority_{reading}_exact_match"], 3),
+             *(f(v[f"{reading}_accuracy"].get(k), 3) for k in ("background", "colors", "shapes", "count"))]
+            for reading in ("local", "global")]
+    return ("Stage 2's local prompts come from the pseudo-labeller (trained on the labelled split only; "
+            "`metrics/pseudo_labeller.json`), scored on the val split against the annotations:\n\n"
+            + table(["Prompt", "Exact match", "Commonest-prompt baseline", "Background", "Colours", "Shapes",
+                     "Count"], rows))
+
+
+def _step_benchmark(s: dict | None) -> str:
+    if not s:
+        return ""
+    rows = [["distillation step (teacher forward + student)", f(s["distill_step_ms"], 1), sci(s["distill_flops"]),
+             f(s["distill_gflops_per_s"], 1), f(s["distill_fraction_of_ceiling"], 3)],
+            ["plain ControlNet step (train_controlnet_sd3.py)", f(s["plain_step_ms"], 1), sci(s["plain_flops"]),
+             f(s["plain_gflops_per_s"], 1), f(s["plain_fraction_of_ceiling"], 3)]]
+    c = s.get("compile") or {}
+    compiled = (f"torch.compile (`{', '.join(c.get('modules') or [])}`): steady-state speedup "
+                f"{f(c.get('speedup'))}, compile {f(c.get('compile_seconds'), 1)} s, break-even after "
+                f"{f(c.get('break_even_steps'), 0)} steps." if c.get("speedup") is not None
+                else f"torch.compile: not measured (`{c.get('error', 'no figures')}`).")
+    return (f"Where a distillation step's time goes (`metrics/step_benchmark.json`; {f(s['threads'], 0)} thread, "
+            f"batch {f(s['batch_size'], 0)}): time ratio {f(s['time_ratio'], 3)} against a FLOP ratio of "
+            f"{f(s['flop_ratio'], 3)}; ceiling: a plain matmul of the model's width at "
+            f"{f(s['ceiling_gflops_per_s'], 1)} GFLOP/s.\n\n"
+            + table(["Step", "ms", "FLOPs", "GFLOP/s", "Share of the matmul ceiling"], rows) + "\n\n" + compiled)
+
+
 def _throughput(c: dict) -> str:
     rows = []
     for stage, m in c["distill"].items():
@@ -324,8 +359,11 @@ def render(cfg: Config, summary: dict, c: dict, figures: dict[str, str]) -> str:
          f"after `{b['warmup']}` warm-up calls. Speedup: the teacher's latency over the model's; ideal: the "
          f"teacher's FLOPs over the model's. Peak memory: `{b['memory_method']}`." if b else ""),
         _efficiency(b),
+        _step_benchmark(c["step_benchmark"]),
         "Training throughput (from the trainers' metrics):",
         _throughput(c),
+        "## Pseudo-labeller",
+        _pseudo_labeller(c["pseudo_labeller"]),
         "## Figures",
     ]
     for title, path in figures.items():
