@@ -60,15 +60,16 @@ def test_gate_metrics_exist_and_are_finite(smoke):
 def test_stock_pipeline_loads_backbone_with_teacher_and_student(smoke):
     import torch
     from diffusers import SD3ControlNetModel, StableDiffusion3ControlNetInpaintingPipeline
-    from PIL import Image
 
     from pipeline.config import load
+    from pipeline.data.images import load_manifest, open_image
 
     ws, _, _ = smoke
     cfg = load(ws / "params.yaml")
     size = cfg.data.image_size
-    image = Image.open(next((ws / "data/scenes/images").glob("test-*.png")))
-    mask = Image.open(next((ws / "data/scenes/masks").glob("test-*.png")))
+    scenes = load_manifest(ws / "data/scenes/manifest.parquet")
+    first = scenes[scenes["split"] == "test"].iloc[0]
+    image, mask = open_image(first["image"]), open_image(first["mask"])
     for model in ("teacher", "student"):
         pipe = StableDiffusion3ControlNetInpaintingPipeline.from_pretrained(
             ws / "models/backbone", controlnet=SD3ControlNetModel.from_pretrained(ws / "models" / model),

@@ -6,11 +6,10 @@ import json
 import zlib
 
 import numpy as np
-from PIL import Image
 
 from pipeline.config import COLORS, SHAPES
 from pipeline.data import prompts
-from pipeline.data.images import load_mask
+from pipeline.data.images import load_mask, open_image
 
 
 def _present(v) -> bool:
@@ -27,7 +26,7 @@ def annotate(row: dict) -> tuple[str | None, str | None, str]:
         if idx is not None and int(idx) >= 0:
             local = prompts.local_prompt(objects, bg, [int(idx)])
         elif _present(row.get("instances")):
-            inst = np.asarray(Image.open(row["instances"]).convert("L"))
+            inst = np.asarray(open_image(row["instances"]).convert("L"))
             local = prompts.local_prompt_for_mask(objects, bg, inst, load_mask(row["mask"]))
         else:
             local = row.get("local_prompt") if _present(row.get("local_prompt")) else None

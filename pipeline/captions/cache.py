@@ -9,7 +9,9 @@ from pathlib import Path
 
 
 def file_hash(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    """sha256 of a file's bytes, or of the PNG a shard reference names (images.image_bytes)."""
+    from pipeline.data.images import image_bytes
+    return hashlib.sha256(image_bytes(path)).hexdigest()
 
 
 def cache_key(image: str | Path, mask: str | Path, model: str, template: dict) -> str:

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from pipeline.config import DataConfig, PseudoLabellerConfig
 from pipeline.data import prompts
-from pipeline.data.images import load_mask, read_images, read_masks
+from pipeline.data.images import load_mask, open_image, read_images, read_masks
 
 FORMAT = "refine-control pseudo_labeller"
 IGNORE = -100  # no layer target for a group that is absent (or a background pixel)
@@ -128,7 +128,7 @@ def covered_indices(row: dict) -> list[int]:
         return [int(idx)]
     if not _present(row.get("instances")):
         raise ValueError(f"row {row['id']}: no object_index and no instance map; cannot tell what the mask covers")
-    inst = np.asarray(Image.open(row["instances"]).convert("L"))
+    inst = np.asarray(open_image(row["instances"]).convert("L"))
     return prompts.covered_objects(inst, load_mask(row["mask"]), len(objects))
 
 
@@ -296,7 +296,7 @@ def _load_instances(rows: list[dict], size: int) -> torch.Tensor:
     """Instance maps (B,S,S) uint8 (0 = background, k = object k-1), resized with nearest at `size`."""
     out = []
     for r in rows:
-        img = Image.open(r["instances"]).convert("L")
+        img = open_image(r["instances"]).convert("L")
         if img.size != (size, size):
             img = img.resize((size, size), Image.NEAREST)
         out.append(np.asarray(img))

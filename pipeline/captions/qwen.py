@@ -14,7 +14,7 @@ from PIL import Image
 
 from pipeline.captions.cache import CaptionCache, cache_key
 from pipeline.config import QwenConfig
-from pipeline.data.images import load_mask
+from pipeline.data.images import load_mask, open_image
 
 
 def region_views(image: Image.Image, hole: np.ndarray, cfg: QwenConfig) -> tuple[Image.Image, Image.Image]:
@@ -109,7 +109,7 @@ class QwenCaptioner:
     def caption_batch(self, rows: list[dict]) -> list[tuple[str, str]]:
         local_conv, local_imgs, global_conv, global_imgs = [], [], [], []
         for r in rows:
-            image = Image.open(r["image"]).convert("RGB")
+            image = open_image(r["image"]).convert("RGB")
             crop, overlay = region_views(image, load_mask(r["mask"]), self.cfg)
             local_conv.append([{"role": "user", "content": [
                 {"type": "image"}, {"type": "image"}, {"type": "text", "text": self.cfg.local_template}]}])

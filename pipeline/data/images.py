@@ -4,6 +4,8 @@ Conventions: images -> float (B,3,H,W) in [-1, 1]; masks -> float (B,1,H,W) in {
 (region to repaint). Mask PNGs are binarised with MASK_THRESHOLD: pixel value > 127 = hole.
 Files are read as users have them (to_rgb / to_mask): EXIF orientation, 16-bit and float images, palette,
 CMYK, and masks drawn in the alpha channel.
+A path column holds a file path or a shard reference ``<shard>.parquet#<column>/<row>`` (the pipeline's own
+scenes and triplets, pipeline.data.image_shards); open_image, image_exists and image_bytes take either.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image, ImageOps
+
+from pipeline.data import image_shards
 
 MASK_THRESHOLD = 127
 PATH_COLUMNS = ("image", "mask", "instances")
@@ -98,7 +102,20 @@ def to_mask(img: Image.Image) -> Image.Image:
         f"{by_grey.mean():.1%}, by alpha {by_alpha.mean():.1%}); save it as a greyscale mask, white = hole")
 
 
+def image_exists(path: str | Path) -> bool:
+    """A file that exists, or a shard reference whose shard holds that row and column."""
+    return image_shards.ref_exists(path) if image_shards.is_ref(path) else Path(path).is_file()
+
+
+def image_bytes(path: str | Path) -> bytes:
+    """The stored bytes: the file's, or the PNG a shard reference names."""
+    return image_shards.read_bytes(path) if image_shards.is_ref(path) else Path(path).read_bytes()
+
+
 def open_image(path: str | Path) -> Image.Image:
+    """Decode a file or a shard reference fully (truncated files fail here)."""
+    if image_shards.is_ref(path):
+        return image_shards.open_ref(path)
     img = Image.open(path)
     img.load()  # full decode: truncated files fail here
     return img

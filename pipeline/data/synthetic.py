@@ -1,9 +1,10 @@
 """Synthetic inpainting scenes: shapes on textured backgrounds, instance maps, one mask per scene.
 
 Deterministic: scene i of split s depends only on (seed, s, i), so changing one split's count changes
-no other split and a larger count keeps the same first scenes. Layout of the output folder:
-images/<id>.png (RGB), masks/<id>.png (L, 255 = hole = repaint), instances/<id>.png (L, 0 = background,
-k = visible pixels of object k-1), manifest.parquet (see MANIFEST_COLUMNS).
+no other split and a larger count keeps the same first scenes. Layout of the output folder: shards/*.parquet
+(pipeline.data.image_shards: per scene the PNGs of the image (RGB), mask (L, 255 = hole = repaint) and
+instances (L, 0 = background, k = visible pixels of object k-1)) and manifest.parquet (see MANIFEST_COLUMNS),
+whose image / mask / instances columns hold references into the shards (images.open_image reads them).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from tqdm import tqdm
 from pipeline.atomic import write_dir
 from pipeline.config import COLORS, SPLITS, WORLD_SPLIT, ConfigError, DataConfig
 from pipeline.data import prompts
+from pipeline.data.image_shards import ShardWriter, png_bytes
 
 SCENE_SPLITS = (*SPLITS, WORLD_SPLIT)
 SPLIT_CODES = {name: i for i, name in enumerate(SCENE_SPLITS)}  # world last: the other splits' scenes keep their seeds
@@ -203,14 +205,12 @@ def make_scene(cfg: DataConfig, rng: np.random.Generator) -> Scene:
                  prompts.global_prompt(objects, background), local)
 
 
-def write_scene(scene: Scene, root: Path, scene_id: str) -> dict:
-    rel = {name: f"{name}/{scene_id}.png" for name in ("images", "masks", "instances")}
-    Image.fromarray(scene.image, "RGB").save(root / rel["images"], compress_level=1)
-    Image.fromarray(scene.mask.astype(np.uint8) * 255, "L").save(root / rel["masks"], compress_level=1)
-    Image.fromarray(scene.instances, "L").save(root / rel["instances"], compress_level=1)
+def write_scene(scene: Scene, shards: ShardWriter, scene_id: str) -> dict:
+    refs = shards.add(scene_id, {"image": png_bytes(scene.image, "RGB"), "mask": png_bytes(scene.mask, "L"),
+                                 "instances": png_bytes(scene.instances, "L")})
     h, w = scene.mask.shape
     return {
-        "id": scene_id, "image": rel["images"], "mask": rel["masks"], "instances": rel["instances"],
+        "id": scene_id, **refs,
         "mask_kind": scene.mask_kind, "object_index": scene.object_index,
         "objects": json.dumps(scene.objects), "background": scene.background,
         "global_prompt": scene.global_prompt, "local_prompt": scene.local_prompt,
@@ -227,14 +227,13 @@ def generate_scenes(cfg: DataConfig, seed: int, out: str | Path, progress: bool 
     out = Path(out)
     counts = split_counts(cfg)
     with write_dir(out) as tmp:
-        for name in ("images", "masks", "instances"):
-            (tmp / name).mkdir()
         rows = []
-        with tqdm(total=sum(counts.values()), desc="scenes", disable=not progress) as bar:
+        with ShardWriter(tmp) as shards, \
+                tqdm(total=sum(counts.values()), desc="scenes", disable=not progress) as bar:
             for split, n in counts.items():
                 for i in range(n):
                     scene_id = f"{split}-{i:06d}"
-                    row = write_scene(make_scene(cfg, scene_rng(seed, split, i)), tmp, scene_id)
+                    row = write_scene(make_scene(cfg, scene_rng(seed, split, i)), shards, scene_id)
                     rows.append({"split": split, **row})
                     bar.update()
         df = pd.DataFrame(rows)[MANIFEST_COLUMNS]

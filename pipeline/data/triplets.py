@@ -7,8 +7,10 @@ its suffix), or image and mask folders (masks matched by file stem). Splits: lab
 test (train and validation / valid accepted). Images and masks are read by images.to_rgb / to_mask.
 Masks are binarised with pixel > 127 = hole (images.MASK_THRESHOLD). Rows without a mask get a
 generated one (stroke / box, seeded by row id, so shards agree with the unsharded run).
-Output: OUT/manifest.parquet (OUTPUT_COLUMNS), OUT/images/<id>.png, OUT/masks/<id>.png,
-OUT/instances/<id>.png (synthetic only), OUT/rejects.csv (on_bad=skip).
+Input image / mask / instances columns may hold file paths or shard references (the scenes' own).
+Output: OUT/manifest.parquet (OUTPUT_COLUMNS), OUT/shards/*.parquet (pipeline.data.image_shards: per row the
+image, mask and instances (synthetic only) PNGs; the manifest's image / mask / instances columns hold
+references into them), OUT/rejects.csv (on_bad=skip).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from tqdm import tqdm
 
 from pipeline.atomic import write_dir
 from pipeline.config import TripletsConfig
-from pipeline.data.images import MASK_THRESHOLD, PixelError, open_image, to_mask, to_rgb
+from pipeline.data.image_shards import ShardWriter, png_bytes
+from pipeline.data.images import MASK_THRESHOLD, PixelError, image_exists, open_image, to_mask, to_rgb
 from pipeline.config import SPLITS, WORLD_SPLIT
 from pipeline.data.synthetic import random_mask
 
@@ -190,7 +193,7 @@ def load_input(cfg: TripletsConfig, scenes_manifest: str | Path) -> pd.DataFrame
 
 def _open(path: str | None, what: str, convert) -> Image.Image:
     """Decode ``path`` fully (truncated files fail) and ``convert`` it (images.to_rgb / to_mask)."""
-    if path is None or not Path(path).is_file():
+    if path is None or not image_exists(path):
         raise Bad(str(path), f"missing file ({what})", "missing_file")
     try:
         return convert(open_image(path))
@@ -219,8 +222,8 @@ def _check_hole(hole: np.ndarray, file: str, when: str = "") -> None:
         raise Bad(file, f"mask covers everything{when}", "full_mask")
 
 
-def process_row(row: dict, cfg: TripletsConfig, size: int, out: Path) -> dict:
-    """Check, resize and write one row; raises Bad(file, reason)."""
+def process_row(row: dict, cfg: TripletsConfig, size: int, shards: ShardWriter) -> dict:
+    """Check, resize and write one row; raises Bad(file, reason) before writing anything."""
     if row["split"] not in SPLITS:
         raise Bad(str(row["image"]), f"unknown split {row['split']!r} (allowed: {ALLOWED_SPLITS})", "unknown_split")
     img = _open(row["image"], "image", to_rgb)
@@ -240,17 +243,13 @@ def process_row(row: dict, cfg: TripletsConfig, size: int, out: Path) -> dict:
         rng = row_rng(cfg.mask_seed, row["id"])
         kind = cfg.mask_kinds[int(rng.integers(len(cfg.mask_kinds)))]
         hole, kind = random_mask(size, rng, kind)
-    rel = {k: f"{k}s/{row['id']}.png" for k in ("image", "mask")}
-    img.save(out / rel["image"], compress_level=1)
-    Image.fromarray(hole.astype(np.uint8) * 255, "L").save(out / rel["mask"], compress_level=1)
-    instances = None
+    inst = None
     if row["instances"] is not None:
         inst = _open(row["instances"], "instances", lambda i: i.convert("L"))
-        inst = inst.resize((size, size), Image.NEAREST, box=box)
-        instances = f"instances/{row['id']}.png"
-        inst.save(out / instances, compress_level=1)
+        inst = png_bytes(inst.resize((size, size), Image.NEAREST, box=box))
+    refs = shards.add(row["id"], {"image": png_bytes(img), "mask": png_bytes(hole, "L"), "instances": inst})
     unlabelled = row["split"] == "unlabelled"  # the stage-2 pool carries no prompts
-    return {**row, **rel, "instances": instances, "mask_kind": kind,
+    return {**row, **refs, "mask_kind": kind,
             "object_index": row["object_index"] if row["mask"] is not None else -1,
             "local_prompt": None if unlabelled else row["local_prompt"],
             "global_prompt": None if unlabelled else row["global_prompt"],
@@ -287,19 +286,20 @@ def build_triplets(rows: pd.DataFrame, cfg: TripletsConfig, size: int, out: str 
         else:
             seen[rid] = i
     with write_dir(out) as tmp:  # refuses an --out holding files we did not write; nothing partial on error
-        for d in ("images", "masks", "instances"):
-            (tmp / d).mkdir()
         good, bad = [], []
         records = [{k: _val(r, k) for k in r} for r in rows.to_dict("records")]  # NaN -> None
         todo = [(i, r) for i, r in enumerate(records) if in_shard(r["id"], shard)]
-        for i, r in tqdm(todo, desc=f"triplets {shard[0]}/{shard[1]}", disable=not progress):
-            try:
-                if i in dup_of:
-                    raise Bad(str(r["image"]), f"duplicate id {r['id']!r} (first at row {dup_of[i]})",
-                              "duplicate_id")
-                good.append(process_row(r, cfg, size, tmp))
-            except Bad as b:
-                bad.append({"row": i, "id": r["id"], "file": b.file, "reason": b.reason, "kind": b.kind})
+        # shard files named per --shard run, so that merging shard folders file by file never collides
+        prefix = "part" if shard[1] == 1 else f"part-{shard[0]}of{shard[1]}"
+        with ShardWriter(tmp, prefix=prefix) as shards:
+            for i, r in tqdm(todo, desc=f"triplets {shard[0]}/{shard[1]}", disable=not progress):
+                try:
+                    if i in dup_of:
+                        raise Bad(str(r["image"]), f"duplicate id {r['id']!r} (first at row {dup_of[i]})",
+                                  "duplicate_id")
+                    good.append(process_row(r, cfg, size, shards))
+                except Bad as b:
+                    bad.append({"row": i, "id": r["id"], "file": b.file, "reason": b.reason, "kind": b.kind})
         rejects = pd.DataFrame(bad, columns=REJECT_COLUMNS)
         if bad and cfg.on_bad == "fail":
             lines = [f"  row {b['row']} ({b['id']}): {b['file']}: {b['reason']}" for b in bad[:cfg.report_rows]]

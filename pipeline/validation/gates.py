@@ -12,7 +12,7 @@ import pandas as pd
 from pipeline import paths
 from pipeline.config import GatesConfig
 
-from pipeline.data.images import load_manifest
+from pipeline.data.images import image_bytes, image_exists, load_manifest
 from pipeline.data.shards import TENSOR_KEYS
 from pipeline.config import SPLITS
 from pipeline.validation.gx import Check, run_gate
@@ -46,14 +46,14 @@ def caption_problem(text) -> str:
 
 
 def _sha(path: str) -> str | None:
-    p = Path(path)
-    return hashlib.sha1(p.read_bytes()).hexdigest() if p.is_file() else None
+    """sha1 of the stored bytes (a file's, or the PNG a shard reference names); None when absent."""
+    return hashlib.sha1(image_bytes(path)).hexdigest() if image_exists(path) else None
 
 
 def triplets_gate(manifest: str | Path, cfg: GatesConfig, image_size: int, out_dir: str | Path = paths.GATES) -> dict:
     df = load_manifest(manifest)
-    df["image_exists"] = [isinstance(p, str) and Path(p).is_file() for p in df["image"]]
-    df["mask_exists"] = [isinstance(p, str) and Path(p).is_file() for p in df["mask"]]
+    df["image_exists"] = [isinstance(p, str) and image_exists(p) for p in df["image"]]  # file or shard reference
+    df["mask_exists"] = [isinstance(p, str) and image_exists(p) for p in df["mask"]]
     df["image_sha1"] = [_sha(p) if isinstance(p, str) else None for p in df["image"]]
     df["splits_sharing_image"] = df.groupby("image_sha1")["split"].transform("nunique").fillna(1).astype(int)
     df["unlabelled_without_prompt"] = (df["split"] != "unlabelled") | df["local_prompt"].isna()

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from tests.params import REPO, config
-from pipeline.data.images import load_manifest
+from pipeline.data.images import image_bytes, load_manifest, open_image
 from pipeline.data.synthetic import generate_scenes
 from pipeline.data.triplets import build_triplets, load_input, merge_shards
 from stages.build_triplets import main as stage_main
@@ -83,8 +83,8 @@ def test_skip_policy_rejects_every_kind(corpus, tmp_path):
     assert a.local_prompt == "a red circle" and a.mask_kind == "given"
     assert pd.isna(b.local_prompt) and b.mask_kind in ("stroke", "box")  # unlabelled, generated mask
     for r in m.itertuples():
-        assert Image.open(r.image).size == (32, 32) and Image.open(r.mask).size == (32, 32)
-        hole = np.asarray(Image.open(r.mask)) > 127
+        assert open_image(r.image).size == (32, 32) and open_image(r.mask).size == (32, 32)
+        hole = np.asarray(open_image(r.mask)) > 127
         assert 0 < hole.sum() < hole.size and abs(hole.mean() - r.mask_fraction) < 1e-9
 
 
@@ -122,8 +122,16 @@ def test_shard_union_equals_unsharded(tmp_path):
     cols = [c for c in ref.columns if c not in ("image", "mask", "instances")]
     pd.testing.assert_frame_equal(union[cols], ref[cols])
     for u, r in zip(union.itertuples(), ref.itertuples()):
-        assert open(u.image, "rb").read() == open(r.image, "rb").read()
-        assert open(u.mask, "rb").read() == open(r.mask, "rb").read()
+        assert image_bytes(u.image) == image_bytes(r.image) and image_bytes(u.mask) == image_bytes(r.mask)
+        assert (u.instances is None) == (r.instances is None)
+        assert u.instances is None or image_bytes(u.instances) == image_bytes(r.instances)
+    # the flows' file-by-file merge of shard folders (flows.sharded): shard files are named per shard, no clash
+    from pipeline.orchestration.shards import merge_shards as merge_folders
+    merge_folders(dirs, tmp_path / "merged")
+    merged = load_manifest(tmp_path / "merged" / "manifest.parquet")
+    assert list(merged["id"]) == list(ref["id"])
+    for u, r in zip(merged.itertuples(), ref.itertuples()):
+        assert image_bytes(u.image) == image_bytes(r.image) and image_bytes(u.mask) == image_bytes(r.mask)
 
 
 # ---------------------------------------------------------------- output folder safety
@@ -201,7 +209,7 @@ def test_image_modes_are_converted_not_clipped(tmp_path, name, save, rgb):
     save(tmp_path / name)
     row, rejects = _build_one(tmp_path, name)
     assert rejects.empty, rejects.to_dict("records")
-    px = np.asarray(Image.open(row.image))
+    px = np.asarray(open_image(row.image))
     assert np.abs(px.astype(int) - rgb).max() <= 1, px[0, 0]
 
 
@@ -227,7 +235,7 @@ def test_exif_orientation_applies_to_images_and_masks(tmp_path):
     Image.fromarray(hole).save(tmp_path / "shown_m.png")
     row, rejects = _build_one(tmp_path, "photo.jpg", "shown_m.png", resize="stretch")
     assert rejects.empty, rejects.to_dict("records")
-    px, m = np.asarray(Image.open(row.image)).astype(int), np.asarray(Image.open(row["mask"])) > 127
+    px, m = np.asarray(open_image(row.image)).astype(int), np.asarray(open_image(row["mask"])) > 127
     assert px[16, 4, 2] > 200 > px[16, 4, 0] and px[16, 28, 0] > 200 > px[16, 28, 2]
     assert m[:, 24:].all() and not m[:, :10].any()
     # the mask rotated by EXIF instead, over an upright image
@@ -237,7 +245,7 @@ def test_exif_orientation_applies_to_images_and_masks(tmp_path):
     _exif_save(Image.fromarray(stored_mask), tmp_path / "rot_m.png")
     row, rejects = _build_one(tmp_path, "up.png", "rot_m.png", resize="stretch")
     assert rejects.empty, rejects.to_dict("records")
-    m = np.asarray(Image.open(row["mask"])) > 127
+    m = np.asarray(open_image(row["mask"])) > 127
     assert m[:, 26:].all() and not m[:, :20].any()
 
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 from diffusers import StableDiffusion3ControlNetInpaintingPipeline
 from diffusers.models.autoencoders import vae as vae_mod
-from PIL import Image
 
 from pipeline.models.mapping import STUDENT_CONVENTION
 from pipeline.evaluation.quality import psnr
 from pipeline.evaluation.sampler import inpaint_images
+from pipeline.data.images import open_image
 from pipeline.foundation.data import pixels, scenes
 from pipeline.models.student import controlnet_from_backbone
 from pipeline.models.world import load_foundation
@@ -50,8 +50,8 @@ def run_both(s, guidance, steps=3, seed=7):
                           seeds=[seed + i for i in range(len(prompts))],
                           max_sequence_length=cfg.text.max_sequence_length)
     stock = s["stock"](
-        prompts, control_image=[Image.open(p).convert("RGB") for p in s["df"]["image"]],
-        control_mask=[Image.open(p).convert("L") for p in s["df"]["mask"]], height=size, width=size,
+        prompts, control_image=[open_image(p).convert("RGB") for p in s["df"]["image"]],
+        control_mask=[open_image(p).convert("L") for p in s["df"]["mask"]], height=size, width=size,
         num_inference_steps=steps, guidance_scale=guidance, controlnet_conditioning_scale=1.0,
         max_sequence_length=cfg.text.max_sequence_length, generator=[torch.Generator().manual_seed(seed + i) for i in range(len(prompts))],
         output_type="pt").images
