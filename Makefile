@@ -2,14 +2,15 @@
 # `make run` runs the stages with no path between them side by side within JOBS CPU threads (default: the
 # CPU count, or flows.jobs in params.yaml) and records each with `dvc commit`: dvc.lock ends as `dvc repro`
 # (the sequential equivalent, `make run-sequential`) leaves it. WALL_TIME=FILE writes the run's wall time
-# and each stage's threads and seconds.
+# and each stage's threads and seconds (default reports/run_time.json, committed: the next run starts the
+# stages with the longest remaining path first by these times).
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SMOKE  ?= .smoke
 SMOKE_SD3 ?= .smoke-sd3
 JOBS   ?=
-WALL_TIME ?= .dvc/tmp/concurrent/wall_time.json
+WALL_TIME ?= reports/run_time.json
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export GX_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1

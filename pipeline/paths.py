@@ -7,8 +7,8 @@ what its code opens.
 from pathlib import Path
 
 DATA = Path("data")
-SCENES = DATA / "scenes"                 # synthetic generator: PNGs + manifest.parquet
-TRIPLETS = DATA / "triplets"             # build_triplets: manifest.parquet + files
+SCENES = DATA / "scenes"                 # synthetic generator: PNG shards (shards/*.parquet) + manifest.parquet
+TRIPLETS = DATA / "triplets"             # build_triplets: manifest.parquet + PNG shards (shards/*.parquet)
 CAPTIONS = DATA / "captions"             # caption: captions.parquet
 CAPTION_CACHE = DATA / "caption_cache"   # caption: the VLM's resumable cache (caption.qwen.cache_dir)
 ENCODED = DATA / "encoded"               # encode: <split>/shard-*.safetensors
@@ -23,12 +23,14 @@ STUDENT_STAGE1 = MODELS / "student_stage1"
 STUDENT = MODELS / "student"
 ABLATIONS = MODELS / "ablations"         # <variant>-s<seed>
 CHECKPOINTS = Path("checkpoints")
+ABLATION_STAGE1 = CHECKPOINTS / "ablations"  # stage1-s<seed>: full's stage-1 checkpoint (ablate_stage1), the runs' prefix
 DVCLIVE = Path("dvclive")
 REPORTS = Path("reports")
 SAMPLES = REPORTS / "samples"
 FIGURES = REPORTS / "figures"
 REPORT = REPORTS / "report.md"
 FRONTIER = REPORTS / "frontier.csv"
+RUN_TIME = REPORTS / "run_time.json"      # `make run`: wall time and stage times (git); the next run's stage order
 
 METRICS = Path("metrics")                # small JSON metric files, tracked by git (cache: false)
 GATES = METRICS / "gates"                # <gate>.json + <gate>.md per validate_* stage

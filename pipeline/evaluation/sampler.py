@@ -18,6 +18,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from pipeline.models import inpaint
 from pipeline.models.controlled import Controlled
+from pipeline.threads import follow as follow_threads
 
 
 @torch.no_grad()
@@ -75,6 +76,7 @@ def _denoise(pipe, controlnet, convention, images, masks, prompts, latents, *, n
     scheduler.set_timesteps(num_inference_steps, device=latents.device)
     ctrl = Controlled(pipe.transformer, controlnet, convention) if controlnet is not None else None
     for i, t in enumerate(scheduler.timesteps):
+        follow_threads()  # the concurrent executor may lend this process idle threads (pipeline.threads)
         if on_step is not None:
             on_step(i, t, latents)
         x = torch.cat([latents, latents]) if cfg else latents

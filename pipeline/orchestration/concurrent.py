@@ -5,10 +5,17 @@
   has finished. Newly ready stages are asked about together (one ``dvc status --json <stages>``, under
   :func:`.stages.dvc_lock`); the up-to-date ones finish at once ("didn't change, skipping").
 * The others are launched as soon as threads are free: ``jobs`` threads in all (``--jobs N``,
-  ``flows.jobs``, default ``os.cpu_count()``). A stage launched alone gets every free thread; stages ready
-  together split the free threads (at least one each, the earlier in DAG order taking the remainder); when
-  no thread is free they wait -- the budget is never oversubscribed. A stage's threads are set in its
+  ``flows.jobs``, default ``os.cpu_count()``). Ready stages go in order of their *critical path*: the
+  longest chain of stage times from them to the end of the DAG, taken from an earlier run's ``--wall-time``
+  record (:func:`critical_path`; DAG order without one), so the stages the run waits on start first. A
+  stage launched alone gets every free thread; stages ready together split the free threads (at least one
+  each, the first taking the remainder); when no thread is free they wait. A stage's threads are set in its
   command's environment (:data:`THREAD_VARS`: OpenMP/MKL/BLAS pools, which torch's intra-op pool follows).
+* Threads are elastic (:mod:`pipeline.threads`): when threads are free and no stage is ready, the running
+  stage with the longest critical path is given them (its ``.threads`` file, which its training and
+  sampling loops follow); when a stage becomes ready and none is free, those extra threads are taken back
+  first. A stage never goes below the threads it was launched with, so a command that does not follow the
+  file is never oversubscribed (at most for the ~2 s a follower takes to notice).
 * Each stage runs as :func:`concurrent_stage_task`: through :func:`.stages.run_outside_repro`, i.e. its
   outputs removed as ``dvc repro`` removes them, its ``cmd`` (as dvc.yaml says, matrix items resolved) in
   the workspace, then ``dvc commit --force <stage>``; the DVC calls one at a time under the lock, the
@@ -39,6 +46,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from pipeline.orchestration.dag import Stage, dvc_stages, stage_matches
+from pipeline.paths import RUN_TIME
 from pipeline.orchestration.settings import FlowSettings
 from pipeline.orchestration.shards import dask_task_runner, run_sharded_stage
 from pipeline.orchestration.stages import (
@@ -56,6 +64,7 @@ from pipeline.orchestration.stages import (
     stage_failure,
     stream_command,
 )
+from pipeline.threads import ENV, set_threads
 
 LOG_DIR = Path(".dvc") / "tmp" / "concurrent"
 # Thread pools a stage command may start: OpenMP (torch's intra-op pool follows OMP_NUM_THREADS), MKL,
@@ -72,9 +81,10 @@ def default_jobs(jobs: int | None = None, settings: FlowSettings | None = None) 
     return int(value)
 
 
-def thread_env(threads: int) -> dict[str, str]:
-    """The environment variables that size a command's thread pools to ``threads``."""
-    return {var: str(threads) for var in THREAD_VARS}
+def thread_env(threads: int, control: str | Path | None = None) -> dict[str, str]:
+    """The environment variables that size a command's thread pools to ``threads`` (and, with ``control``,
+    name the file through which the executor changes the count while it runs: pipeline.threads)."""
+    return {**{var: str(threads) for var in THREAD_VARS}, **({ENV: str(control)} if control else {})}
 
 
 def allot(free: int, ready: int) -> list[int]:
@@ -90,6 +100,41 @@ def allot(free: int, ready: int) -> list[int]:
 def stage_log(workspace: str | Path, stage: str) -> Path:
     """Where a stage's output is written: ``.dvc/tmp/concurrent/<stage>.log`` (``/``, ``:`` -> ``_``)."""
     return Path(workspace) / LOG_DIR / (re.sub(r"[^\w@.+-]", "_", stage) + ".log")
+
+
+def thread_file(workspace: str | Path, stage: str) -> Path:
+    """The file holding a running stage's thread count (``<stage>.threads`` beside its log)."""
+    return stage_log(workspace, stage).with_suffix(".threads")
+
+
+def stage_seconds(record: str | Path | dict | None) -> dict[str, float]:
+    """Each stage's seconds in an earlier run's ``--wall-time`` record (stages that ran; a missing or
+    unreadable file: none)."""
+    if record is None:
+        return {}
+    if not isinstance(record, dict):
+        try:
+            record = json.loads(Path(record).read_text())
+        except (OSError, ValueError):
+            return {}
+    return {r["stage"]: float(r["seconds"]) for r in record.get("stages") or []
+            if isinstance(r, dict) and not r.get("skipped") and "seconds" in r and "stage" in r}
+
+
+def critical_path(stages: list[Stage], seconds: dict[str, float]) -> dict[str, float]:
+    """For each of ``stages`` (DAG order), the longest sum of stage seconds on a path from it to the end
+    of the DAG, itself included. A stage without a time counts the median of the known ones."""
+    known = sorted(seconds.values())
+    default = known[len(known) // 2] if known else 0.0
+    below: dict[str, list[str]] = {s.address: [] for s in stages}
+    for s in stages:
+        for u in s.upstream:
+            if u in below:
+                below[u].append(s.address)
+    path: dict[str, float] = {}
+    for s in reversed(stages):
+        path[s.address] = seconds.get(s.address, default) + max((path[d] for d in below[s.address]), default=0.0)
+    return path
 
 
 def changed_stages(stages: Iterable[str], workspace: str | Path) -> set[str]:
@@ -134,10 +179,12 @@ def run_stage_command(stage: str, cmd: str, workspace: str | Path, threads: int,
     def run() -> None:
         before = _gate_mtimes(workspace)
         log.info("$ %s  (in %s, %d thread%s; log %s)", cmd, workspace, threads, "s"[:threads > 1], path)
+        control = thread_file(workspace, stage)
+        set_threads(control, threads)
         start = time.monotonic()
         with path.open("w") as fh:
             fh.write(f"$ {cmd}\n# {threads} threads\n")
-            rc, tail = stream_command(cmd, workspace, _Tee(log, fh), env=thread_env(threads))
+            rc, tail = stream_command(cmd, workspace, _Tee(log, fh), env=thread_env(threads, control))
         timing["seconds"] = round(time.monotonic() - start, 3)
         if rc:
             raise stage_failure(stage, f"DVC stage '{stage}' failed (its command exited with {rc})", tail, rc,
@@ -189,24 +236,30 @@ def run_concurrently(
     force: bool = False,
     exclusive: Callable[[Stage], bool] = lambda s: False,
     run_exclusive: Callable[[Stage], dict] | None = None,
+    seconds: dict[str, float] | None = None,
+    retune: Callable[[Stage, int], None] | None = None,
 ) -> list[dict]:
     """Run ``stages`` (DAG order) as their upstream stages finish, within ``jobs`` threads.
 
     ``submit(stage, threads)`` starts one stage known to be out of date (or forced) and returns a future
     (``add_done_callback``, ``result``). Stages for which ``exclusive`` is true are run
-    by ``run_exclusive(stage)`` in this thread, alone. Returns the stages' results in DAG order; raises the
-    first failure once the running stages have finished."""
+    by ``run_exclusive(stage)`` in this thread, alone. ``seconds`` (an earlier run's stage times) orders
+    ready stages by critical path; ``retune(stage, threads)`` changes a running stage's threads (default:
+    its :func:`thread_file`). Returns the stages' results in DAG order; raises the first failure once the
+    running stages have finished."""
     log = run_logger()
     workspace = Path(workspace)
     selected = {s.address for s in stages}
     pending = list(stages)
     finished: dict[str, dict] = {}
     to_run: set[str] = set()         # asked: not up to date (or forced)
-    running: dict[str, tuple[Any, int]] = {}
+    running: dict[str, dict] = {}    # address -> future, stage, base (launch) and extra (lent) threads
     done: queue.Queue[str] = queue.Queue()
     free = jobs
     failure: BaseException | None = None
     failed: list[str] = []
+    path = critical_path(stages, seconds or {})
+    retune = retune or (lambda st, n: set_threads(thread_file(workspace, st.address), n))
 
     def ready() -> list[Stage]:
         return [s for s in pending if all(u in finished or u not in selected for u in s.upstream)]
@@ -214,6 +267,12 @@ def run_concurrently(
     def finish(address: str, result: dict) -> None:
         finished[address] = result
         pending[:] = [s for s in pending if s.address != address]
+
+    def lend(threads: int, address: str) -> None:
+        r = running[address]
+        r["extra"] += threads
+        log.info("'%s' now has %d threads", address, r["base"] + r["extra"])
+        retune(r["stage"], r["base"] + r["extra"])
 
     while running or (pending and failure is None):
         if failure is None:
@@ -232,7 +291,8 @@ def run_concurrently(
                     if address not in changed:
                         log.info("Stage '%s' didn't change, skipping", address)
                         finish(address, {"stage": address, "skipped": True})
-            runnable = [s for s in ready() if s.address in to_run and s.address not in running]
+            runnable = sorted((s for s in ready() if s.address in to_run and s.address not in running),
+                              key=lambda s: -path[s.address])   # stable: DAG order among equals
             lone = [s for s in runnable if exclusive(s)]
             if lone and not running:
                 stage = lone[0]
@@ -242,24 +302,34 @@ def run_concurrently(
                 except BaseException as exc:       # noqa: BLE001 -- reported below, after the others
                     failure, failed = exc, [stage.address]
                 continue
+            if not lone and runnable and not free:  # take lent threads back, shortest path first
+                for address in sorted(running, key=lambda a: path[a]):
+                    if running[address]["extra"]:
+                        free += running[address]["extra"]
+                        running[address]["extra"] = 0
+                        log.info("'%s' back to %d threads", address, running[address]["base"])
+                        retune(running[address]["stage"], running[address]["base"])
             if not lone and runnable and free:
                 shares = allot(free, len(runnable))
                 for stage, threads in zip(runnable, shares):
                     log.info("launching '%s' with %d of %d threads (%d running)", stage.address, threads,
                              jobs, len(running))
                     future = submit(stage, threads)
-                    running[stage.address] = (future, threads)
+                    running[stage.address] = {"future": future, "stage": stage, "base": threads, "extra": 0}
                     future.add_done_callback(lambda _f, a=stage.address: done.put(a))
                     free -= threads
+            if free and running and (lone or not runnable):  # idle threads: to the longest path running
+                lend(free, max(running, key=lambda a: path[a]))
+                free = 0
         if not running:
             if pending and failure is None:
                 raise RuntimeError("no DVC stage can start: " + ", ".join(s.address for s in pending))
             break
         address = done.get()
-        future, threads = running.pop(address)
-        free += threads
+        r = running.pop(address)
+        free += r["base"] + r["extra"]
         try:
-            finish(address, future.result())
+            finish(address, r["future"].result())
         except BaseException as exc:               # noqa: BLE001
             failed.append(address)
             if failure is None:
@@ -277,7 +347,8 @@ def run_concurrently(
 @flow(name="refine-control-concurrent", log_prints=True)
 def concurrent_flow(workspace: str, stages: list[str], jobs: int, force: bool = False) -> list[dict]:
     """The stages ``stages`` (addresses; the DAG between them from DVC) run side by side within ``jobs``
-    threads; the flow's task runner runs :func:`concurrent_stage_task`."""
+    threads, in critical-path order by the stage times of the last recorded run (``reports/run_time.json``,
+    what ``make run`` writes); the flow's task runner runs :func:`concurrent_stage_task`."""
     from pipeline.orchestration.settings import flow_settings
 
     settings = flow_settings(workspace)
@@ -293,7 +364,8 @@ def concurrent_flow(workspace: str, stages: list[str], jobs: int, force: bool = 
 
     return run_concurrently(chosen, workspace, jobs, submit, force=force,
                             exclusive=lambda s: is_exclusive(s, settings),
-                            run_exclusive=lambda s: run_stage(s, workspace, settings, force))
+                            run_exclusive=lambda s: run_stage(s, workspace, settings, force),
+                            seconds=stage_seconds(Path(workspace) / RUN_TIME))
 
 
 def task_runner(jobs: int, settings: FlowSettings):

@@ -158,3 +158,133 @@ def test_wall_time_record(tmp_path):
     record = json.loads(out.read_text())
     assert record["flow"] == "toy-flow" and record["jobs"] == 3 and record["ok"]
     assert record["wall_seconds"] >= 0 and record["stages"][0]["threads"] == 2
+
+
+# --------------------------------------------------------------- critical-path order and elastic threads
+
+def _stage(address: str, *upstream: str):
+    from pipeline.orchestration.dag import Stage
+    return Stage(address, address, f"run {address}", tuple(upstream))
+
+
+class _Manual:
+    """submit() for the scheduler whose futures the test finishes by hand, in a chosen order."""
+
+    def __init__(self):
+        from concurrent.futures import Future
+        self.Future, self.futures, self.launched = Future, {}, []
+
+    def __call__(self, stage, threads):
+        f = self.Future()
+        self.futures[stage.address] = f
+        self.launched.append((stage.address, threads))
+        return f
+
+
+def test_critical_path_sums_the_longest_chain_below_each_stage():
+    from pipeline.orchestration.concurrent import critical_path, stage_seconds
+    stages = [_stage("a"), _stage("b"), _stage("c", "a"), _stage("d", "a", "b")]
+    path = critical_path(stages, {"a": 1, "b": 5, "c": 10, "d": 2})
+    assert path == {"a": 11, "b": 7, "c": 10, "d": 2}
+    assert critical_path(stages, {"a": 1, "c": 3, "d": 5})["b"] == 3 + 5   # unknown: the median (3)
+    record = {"stages": [{"stage": "a", "seconds": 2.5, "threads": 1}, {"stage": "b", "skipped": True}]}
+    assert stage_seconds(record) == {"a": 2.5} and stage_seconds("/no/such/file.json") == {}
+
+
+def test_ready_stages_start_longest_path_first_and_idle_threads_are_lent(tmp_path):
+    import threading
+
+    from pipeline.orchestration.concurrent import run_concurrently
+    # short (1 s, then next below it) and long (100 s, then tail below it) are ready together: 1 thread
+    # each, long first. When short ends, next takes its thread; when next ends and nothing is ready, long
+    # is lent the free thread; after long, tail starts alone with both.
+    stages = [_stage("short"), _stage("long"), _stage("tail", "long"), _stage("next", "short")]
+    seconds = {"short": 1, "long": 100, "tail": 100, "next": 1}
+    manual, retuned = _Manual(), []
+    result = {}
+
+    def drive():
+        result["r"] = run_concurrently(stages, tmp_path, 2, manual, force=True, seconds=seconds,
+                                       retune=lambda st, n: retuned.append((st.address, n)))
+
+    t = threading.Thread(target=drive)
+    t.start()
+
+    def wait_for(cond):
+        import time
+        for _ in range(500):
+            if cond():
+                return
+            time.sleep(0.01)
+        raise AssertionError("scheduler did not get there")
+
+    wait_for(lambda: len(manual.launched) == 2)
+    assert manual.launched == [("long", 1), ("short", 1)]       # longest remaining path first
+    manual.futures["short"].set_result({"stage": "short"})
+    wait_for(lambda: len(manual.launched) == 3)
+    assert manual.launched[2] == ("next", 1) and retuned == []  # a ready stage takes the free thread
+    manual.futures["next"].set_result({"stage": "next"})
+    wait_for(lambda: retuned)
+    assert retuned == [("long", 2)]                              # nothing ready: lent to the running one
+    manual.futures["long"].set_result({"stage": "long"})
+    wait_for(lambda: len(manual.launched) == 4)
+    assert manual.launched[3] == ("tail", 2)
+    manual.futures["tail"].set_result({"stage": "tail"})
+    t.join(5)
+    assert [r["stage"] for r in result["r"]] == ["short", "long", "tail", "next"]
+
+
+def test_lent_threads_are_taken_back_when_a_stage_becomes_ready(tmp_path):
+    import threading
+    import time
+
+    from pipeline.orchestration.concurrent import run_concurrently
+    stages = [_stage("a"), _stage("b"), _stage("c", "b")]
+    manual, retuned = _Manual(), []
+    t = threading.Thread(target=lambda: run_concurrently(
+        stages, tmp_path, 2, manual, force=True, seconds={"a": 50, "b": 1, "c": 1},
+        retune=lambda st, n: retuned.append((st.address, n))))
+    t.start()
+    for _ in range(500):
+        if len(manual.launched) == 2:
+            break
+        time.sleep(0.01)
+    assert manual.launched == [("a", 1), ("b", 1)]
+    manual.futures["b"].set_result({})
+    for _ in range(500):
+        if len(manual.launched) == 3:
+            break
+        time.sleep(0.01)
+    assert manual.launched[2] == ("c", 1) and retuned == []      # c ready at once: no lending
+    manual.futures["c"].set_result({})
+    for _ in range(500):
+        if retuned:
+            break
+        time.sleep(0.01)
+    assert retuned == [("a", 2)]
+    manual.futures["a"].set_result({})
+    t.join(5)
+    assert not t.is_alive()
+
+
+def test_follow_applies_the_executor_thread_count(tmp_path, monkeypatch):
+    import torch
+
+    from pipeline import threads
+    control = tmp_path / "s.threads"
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv(threads.ENV, str(control))
+        threads.set_threads(control, 1)
+        monkeypatch.setattr(threads, "_last_read", float("-inf"))
+        torch.set_num_threads(2)
+        assert threads.follow() == 1 and torch.get_num_threads() == 1
+        threads.set_threads(control, 2)
+        assert threads.follow() is None                          # read at most every 2 s
+        monkeypatch.setattr(threads, "_last_read", float("-inf"))
+        assert threads.follow() == 2 and torch.get_num_threads() == 2
+        monkeypatch.delenv(threads.ENV)
+        monkeypatch.setattr(threads, "_last_read", float("-inf"))
+        assert threads.follow() is None                          # outside the executor: nothing
+    finally:
+        torch.set_num_threads(before)
