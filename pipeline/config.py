@@ -413,7 +413,7 @@ class AblationConfig(_Strict):
     headline: list[str] = Field(..., description="variants run at every headline seed; `full` is the reference")
     headline_seeds: list[int]
     others: list[str] = Field(..., description="variants run at `seeds`")
-    seeds: list[int]
+    seeds: list[int] = Field(..., description="a subset of headline_seeds (ablate_stage1 runs at those)")
     variants: dict[str, Variant]
 
     @model_validator(mode="after")
@@ -427,6 +427,11 @@ class AblationConfig(_Strict):
         if both:
             raise ValueError(f"ablations: variants {sorted(both)} are in both headline and others "
                              "(one DVC stage each)")
+        extra = sorted(set(self.seeds) - set(self.headline_seeds))
+        if extra:
+            raise ValueError(f"ablations.seeds: {extra} not in ablations.headline_seeds {self.headline_seeds}: "
+                             "every run at ablations.seeds starts from full's stage 1 at its seed, which the "
+                             "ablate_stage1 stage trains at ablations.headline_seeds only")
         return self
 
     def runs(self) -> list[tuple[str, int]]:

@@ -10,8 +10,16 @@ from a generator seeded by (seed, s, j). Which process or accumulation round han
 change what it draws, so a run resumed from a checkpoint equals the uninterrupted run (on CPU bit for bit),
 and a 2-process run equals a 1-process run with 2 accumulation rounds up to float summation order.
 
-Resume: checkpoints carry a key of everything they were made from (params including steps, data, initial
-weights, frozen models); a run resumes only from checkpoints with its own key.
+Resume: checkpoints carry a key of everything they were made from (params, data, initial weights, frozen
+models, code) except the number of steps, and a run resumes only from checkpoints with its own key: the
+newest readable one whose step is at most its own total. Prefix rule: a longer run with otherwise the same
+key continues a shorter one's checkpoints, and a shorter one resumes a longer one's checkpoint at or below
+its total (those above belong to the longer run and are left alone). Sound because nothing a step does
+depends on the total: the lr schedule is warm-up then constant (no decay to the run's end), EMA warm-up
+counts steps from the start, and step s's batch and noise are drawn from (seed, s) alone, so the first N
+steps of any longer run are the N-step run. ``Loop.prefixes`` widens this to other runs' checkpoint folders
+(a prefix pool): one with this run's key is copied in (never moved) when it is further along than this
+run's own checkpoints, so variants that share a prefix train it once (pipeline.distill.ablation).
 """
 
 from __future__ import annotations
@@ -66,12 +74,19 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor
     return idx
 
 
-def code_digest() -> str:
-    """sha256 of the source of every project module (pipeline.*, stages.*) this process has loaded: DVC reruns
-    a stage when its code changes, and a fixed loss or model must then not resume the old code's checkpoints."""
+def code_digest(modules: tuple[str, ...] = ()) -> str:
+    """sha256 of the source of every project module (pipeline.*, stages.*) this process has loaded, or, given
+    ``modules``, of their import closures (pipeline.closure): DVC reruns a stage when its code changes, and a
+    fixed loss or model must then not resume the old code's checkpoints. The closure does not depend on
+    what else the process loaded, so two stages that train the same way (distill_stage1 and the ablation
+    runs) compute the same key and can share checkpoints."""
     root = Path(__file__).resolve().parent.parent
     files = set()
-    for module in list(sys.modules.values()):
+    if modules:
+        from pipeline.closure import import_closure
+
+        files = {(root / f).resolve() for m in modules for f in import_closure(m, root)}
+    for module in [] if modules else list(sys.modules.values()):
         f = getattr(module, "__file__", None)
         if f and Path(f).suffix == ".py":
             p = Path(f).resolve()
@@ -107,6 +122,7 @@ class LoopResult:
     samples_per_second: float
     last: dict[str, float] = field(default_factory=dict)
     main: bool = True  # this is the main process: the only one that should write outputs
+    prefix_steps: int = 0  # steps of the weights copied from a prefix root (Loop.prefixes); steps - this: trained here
 
 
 class Data(Protocol):
@@ -169,6 +185,13 @@ class Loop:
     # The runtime policy's device (pipeline.runtime): "cpu" trains on the CPU; otherwise accelerate places
     # each process on its accelerator (cuda:i is honoured by a single process).
     device: torch.device | str = "auto"
+    # Checkpoint folders of other runs (a prefix pool): before resuming, the newest checkpoint (step <= this
+    # run's steps) of one whose FINGERPRINT is this run's key is copied into checkpoint_dir when it is
+    # further along than checkpoint_dir's own. The roots are only read.
+    prefixes: list[Path] = field(default_factory=list)
+    # Modules whose import closures are the code part of the key (code_digest); empty: every project module
+    # this process has loaded.
+    code: tuple[str, ...] = ()
 
     def __post_init__(self):
         if isinstance(self.data, dict):
@@ -201,6 +224,7 @@ class Loop:
             raise ValueError(f"{self.name}: the model has no trainable parameters")
         opt = make_optimizer(self.optimizer, params, self.train.lr, self.train.weight_decay)
         warm = max(1, self.train.warmup_steps)
+        # Warm-up then constant, never a function of the total: the prefix rule (module docstring) rests on it.
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
         # The scheduler is not prepared: accelerate would step it once per process per call; ours counts
         # optimizer steps whatever the number of processes (the batch is global, split across them).
@@ -213,10 +237,13 @@ class Loop:
             ema = EMAModel(params, decay=self.ema_decay, use_ema_warmup=True)
             acc.register_for_checkpointing(ema)
 
-        start, info = _resume(acc, self.checkpoint_dir, key)
+        total = self.train.steps
+        if acc.is_main_process and self.prefixes:
+            _take_prefix(acc, self.checkpoint_dir, key, self.prefixes, total, self.name)
+        acc.wait_for_everyone()
+        start, info = _resume(acc, self.checkpoint_dir, key, total)
         if ema:
             ema.to(acc.device)  # accelerate loads custom states onto the CPU
-        total = self.train.steps
         end = total if self.max_steps_this_run is None else min(total, start + self.max_steps_this_run)
         live = _live(self.live_dir, start, acc) if start < end else None
         bar = tqdm(range(start, end), desc=self.name, initial=start, total=total,
@@ -255,7 +282,7 @@ class Loop:
                 # finds the run finished returns them instead of a zero-step session's.
                 seconds = trained_before + time.perf_counter() - t0
                 info = {"step": done, "seconds": seconds, "samples_per_s": done * per_step / max(seconds, 1e-9),
-                        "last": last}
+                        "last": last, **{k: info[k] for k in ("prefix_steps", "prefix") if k in info}}
                 _save(acc, self.checkpoint_dir, info, self.keep_checkpoints)
         if live:
             live.end()
@@ -265,18 +292,20 @@ class Loop:
             ema.copy_to(params)
         self.model = final
         return LoopResult(info.get("step", start), info.get("seconds", 0.0), info.get("samples_per_s", 0.0),
-                          info.get("last", {}), acc.is_main_process)
+                          info.get("last", {}), acc.is_main_process, info.get("prefix_steps", 0))
 
     def key(self) -> str:
-        """What the checkpoints are made from: the loop's params (steps included: a longer or shorter run is
-        another run), the project code that runs it, the training data, the model's initial weights and the
-        frozen models it reads."""
+        """What the checkpoints are made from: the loop's params except the number of steps (the prefix rule
+        of the module docstring: a step's result does not depend on the total, so a longer run continues a
+        shorter one's checkpoints), the project code that runs it, the training data, the model's initial
+        weights and the frozen models it reads."""
         h = hashlib.sha256()
-        settings = dict(extra=self.fingerprint, train=self.train.model_dump(mode="json"), seed=self.seed,
+        settings = dict(extra=self.fingerprint, train=self.train.model_dump(mode="json", exclude={"steps"}),
+                        seed=self.seed,
                         accum=self.gradient_accumulation_steps, precision=self.mixed_precision,
                         ema=self.ema_decay, optimizer=self.optimizer)
         h.update(json.dumps(settings, sort_keys=True).encode())
-        h.update(f"code|{code_digest()}|data|{self.data.digest()}|".encode())
+        h.update(f"code|{code_digest(self.code)}|data|{self.data.digest()}|".encode())
         groups = {"init": self.model.state_dict()}
         for name, m in self.frozen.items():
             groups[f"frozen.{name}"] = m.state_dict() if isinstance(m, torch.nn.Module) else {"": m}
@@ -356,12 +385,18 @@ def _hash_tensor(h, name: str, t: torch.Tensor, chunk_bytes: int = 64 << 20) -> 
 _STEP_DIR = re.compile(r"step-(\d{8})")
 
 
-def _checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints (DONE written), oldest first; set-aside ones (step-N.corrupt) are not."""
+def _step(ck: Path) -> int:
+    return int(ck.name[5:])
+
+
+def _checkpoints(root: Path, upto: int | None = None) -> list[Path]:
+    """Complete checkpoints (DONE written), oldest first, of step <= ``upto`` if given (later ones belong to
+    a longer run); set-aside ones (step-N.corrupt) are not."""
     if not root.exists():
         return []
-    found = [p for p in root.iterdir() if _STEP_DIR.fullmatch(p.name) and (p / "DONE").exists()]
-    return sorted(found, key=lambda p: int(p.name[5:]))
+    found = [p for p in root.iterdir() if _STEP_DIR.fullmatch(p.name) and (p / "DONE").exists()
+             and (upto is None or _step(p) <= upto)]
+    return sorted(found, key=_step)
 
 
 def _problem(ck: Path) -> str | None:
@@ -393,8 +428,54 @@ def _set_aside(ck: Path, why: str) -> Path:
     return dest
 
 
-def _resume(acc: Accelerator, root: Path, key: str) -> tuple[int, dict]:
-    """-> (step to start from, the DONE record of the checkpoint resumed, {} if none)."""
+def _usable(root: Path, key: str, upto: int) -> Path | None:
+    """The newest readable checkpoint of step <= ``upto`` in ``root`` if its FINGERPRINT is ``key``."""
+    mark = root / "FINGERPRINT"
+    if not mark.exists() or mark.read_text() != key:
+        return None
+    return next((ck for ck in reversed(_checkpoints(root, upto)) if _problem(ck) is None), None)
+
+
+def _take_prefix(acc: Accelerator, root: Path, key: str, prefixes: list[Path], total: int, name: str) -> None:
+    """Main process only. Copy into ``root`` the newest checkpoint (step <= total) of a prefix root whose
+    FINGERPRINT is ``key``, when it is further along than ``root``'s own usable checkpoints; roots with
+    another key (or none) are ignored. Copied to a temporary folder then renamed: nothing partial; the
+    prefix root is only read. The copy's DONE record keeps the prefix's seconds (the cost of those
+    weights) and notes the prefix (``prefix_steps``: the steps this run did not train)."""
+    own = _usable(root, key, total)
+    best: Path | None = None
+    for p in map(Path, prefixes):
+        if not p.exists():
+            acc.print(f"{name}: prefix {p}: absent; ignored")
+            continue
+        ck = _usable(p, key, total)
+        if ck is None:
+            acc.print(f"{name}: prefix {p}: another key or no checkpoint up to step {total}; ignored")
+        elif best is None or _step(ck) > _step(best):
+            best = ck
+    if best is None or (own is not None and _step(own) >= _step(best)):
+        return
+    mark = root / "FINGERPRINT"
+    if root.exists() and (not mark.exists() or mark.read_text() != key):
+        shutil.rmtree(root)  # checkpoints of another key: _resume would start afresh over them too
+    root.mkdir(parents=True, exist_ok=True)
+    mark.write_text(key)
+    final = root / best.name
+    tmp = root / f".tmp-prefix-{best.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(best, tmp)
+    info = json.loads((tmp / "DONE").read_text())
+    info.update(prefix=str(best.parent), prefix_steps=info["step"])
+    (tmp / "DONE").write_text(json.dumps(info))
+    if final.exists():  # unreadable (else it would be ``own``): keep it for inspection
+        _set_aside(final, "replaced by a prefix's checkpoint")
+    os.replace(tmp, final)
+    acc.print(f"{name}: took prefix {best} (step {info['step']} of {total})")
+
+
+def _resume(acc: Accelerator, root: Path, key: str, total: int) -> tuple[int, dict]:
+    """-> (step to start from, the DONE record of the checkpoint resumed, {} if none): the newest readable
+    checkpoint of step <= ``total``; later ones (a longer run's) are neither resumed nor touched."""
     mark = root / "FINGERPRINT"
     if acc.is_main_process:
         if root.exists() and (not mark.exists() or mark.read_text() != key):
@@ -403,13 +484,13 @@ def _resume(acc: Accelerator, root: Path, key: str) -> tuple[int, dict]:
             shutil.rmtree(root)
         root.mkdir(parents=True, exist_ok=True)
         mark.write_text(key)
-        for ck in reversed(_checkpoints(root)):  # newest readable one, setting broken ones aside
+        for ck in reversed(_checkpoints(root, total)):  # newest readable one, setting broken ones aside
             why = _problem(ck)
             if why is None:
                 break
             _set_aside(ck, why)
     acc.wait_for_everyone()
-    ckpts = _checkpoints(root)
+    ckpts = _checkpoints(root, total)
     if not ckpts:
         return 0, {}
     try:
@@ -439,7 +520,7 @@ def _save(acc: Accelerator, root: Path, info: dict, keep: int) -> None:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        for old in _checkpoints(root)[:-keep]:
+        for old in _checkpoints(root, info["step"])[:-keep]:  # a longer run's later ones are kept
             shutil.rmtree(old, ignore_errors=True)
     acc.wait_for_everyone()
 

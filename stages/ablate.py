@@ -29,7 +29,10 @@ def main(argv=None) -> None:
     m, ev = run_ablation(cfg, args.variant, args.seed, foundation=paths.BACKBONE, teacher=paths.TEACHER,
                          encoded=paths.ENCODED, trajectories=paths.TRAJECTORIES, headline=paths.STUDENT,
                          reference=paths.EVAL_REFERENCE, df=df, out_dir=paths.ABLATIONS / name,
-                         work_dir=paths.CHECKPOINTS / "ablations" / name)
+                         work_dir=paths.CHECKPOINTS / "ablations" / name,
+                         # full's stage 1 at this seed (ablate_stage1), and the headline's (params' seed)
+                         stage1_prefixes=[paths.ABLATION_STAGE1 / f"stage1-s{args.seed}",
+                                          paths.CHECKPOINTS / "distill_stage1"])
     write_csv(paths.PER_IMAGE / "ablations" / f"{name}.csv", ev.per_image)
     write_json(paths.ABLATION_METRICS / f"{name}.json", m)
     print(name, {k: v for k, v in m.items() if k != "not_computed"})

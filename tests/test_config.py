@@ -73,3 +73,14 @@ def test_cli_validates_and_prints(tmp_path):
     bad.write_text(yaml.safe_dump(full({"ablatoins": {}})))
     out = subprocess.run([sys.executable, "-m", "pipeline.config", str(bad)], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 2 and "ablatoins: unknown key; did you mean 'ablations'?" in out.stderr
+
+
+def test_ablation_seeds_must_be_headline_seeds():
+    """Every run at ablations.seeds starts from full's stage 1 at its seed (ablate_stage1 trains it at
+    headline_seeds only): a seed outside them is an error naming both keys."""
+    raw = full()
+    raw["ablations"].update(headline_seeds=[0, 1], seeds=[0, 3])
+    with pytest.raises(ConfigError, match=r"ablations\.seeds: \[3\] not in ablations\.headline_seeds \[0, 1\]"):
+        from_dict(raw)
+    raw["ablations"]["seeds"] = [1]
+    assert from_dict(raw).ablations.seeds == [1]

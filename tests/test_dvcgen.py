@@ -78,3 +78,19 @@ def test_stage2_settings_do_not_rerun_stage1_and_the_study_follows_the_headline_
 @pytest.mark.parametrize("stage", ["distill_stage1", "distill_stage2", "evaluate", "ablate"])
 def test_model_stages_depend_on_the_mapping_module(stage):
     assert "pipeline/models/mapping.py" in _dvc_yaml()["stages"][stage]["deps"]
+
+
+def test_ablate_stage1_trains_full_stage1_once_per_headline_seed_for_the_runs_to_share():
+    stages = _dvc_yaml()["stages"]
+    s1 = stages["ablate_stage1"]
+    assert s1["matrix"] == {"seed": "${ablations.headline_seeds}"}
+    assert s1["cmd"] == "python -m stages.ablate_stage1 ${item.seed}"
+    assert s1["outs"] == ["checkpoints/ablations/stage1-s${item.seed}"]
+    data = [d for d in stages["distill_stage1"]["deps"] if not d.endswith(".py")]
+    assert [d for d in s1["deps"] if not d.endswith(".py")] == [*data, "checkpoints/distill_stage1"]
+    assert "ablations.variants.full" in s1["params"] and "distill.stage1" in s1["params"]
+    assert not any(p.startswith("distill.stage2") for p in s1["params"]) and "seed" not in s1["params"]
+    names = list(stages)
+    for stage in ("ablate_headline", "ablate"):
+        assert "checkpoints/ablations/stage1-s${item.seed}" in stages[stage]["deps"]
+        assert names.index("ablate_stage1") < names.index(stage)

@@ -65,11 +65,12 @@ def assert_same(a, b):
         assert torch.equal(a[k], b[k]), k
 
 
-def test_key_covers_steps_data_initial_weights_and_frozen_models(tmp_path):
+def test_key_covers_data_initial_weights_and_frozen_models_not_steps(tmp_path):
     teacher = torch.nn.Linear(3, 2)
     base = loop(tmp_path, frozen={"teacher": teacher}).key()
     assert loop(tmp_path, frozen={"teacher": teacher}).key() == base
-    assert loop(tmp_path, steps=5, frozen={"teacher": teacher}).key() != base
+    assert loop(tmp_path, steps=5, frozen={"teacher": teacher}).key() == base  # the prefix rule
+    assert other_lr(tmp_path, 4, frozen={"teacher": teacher}).key() != base
     d = tiny_data()
     d["x"] = d["x"].flip(0)  # same sums, other bytes: a float summary of the tensor would not notice
     assert loop(tmp_path, data=d, frozen={"teacher": teacher}).key() != base
@@ -96,17 +97,82 @@ def test_tensor_hash_reads_raw_bytes_in_chunks():
     assert digest(torch.tensor(2.0), 16) != digest(torch.tensor([2.0]), 16)
 
 
-@pytest.mark.parametrize("steps", [2, 6])
-def test_other_steps_start_afresh(tmp_path, steps):
-    """The teacher bug: steps 12 -> 8 resumed the finished 12-step checkpoint and saved it as the 8-step
-    model (negative samples/s); 12 -> 16 'resumed' too. Steps are part of what a run is."""
-    loop(tmp_path / "ck").run()
+def other_lr(ck, steps, **kw):
+    t = train(steps).model_copy(update={"lr": 2e-2})
+    return Loop("tiny", tiny_model(), tiny_data(), kw.pop("loss", None) or Counting(), t, 0, ck,
+                **{"checkpoint_every": 2, "keep_checkpoints": 2, "frozen": {}, **kw})
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_longer_run_continues_a_shorter_ones_checkpoints(tmp_path):
+    """The prefix rule: 6 steps, then 10 in the same folder, trains steps 6..10 only and ends bit for bit
+    where an uninterrupted 10-step run ends (warm-up-then-constant lr, per-step draws)."""
+    loop(tmp_path / "ck", steps=6).run()
     loss = Counting()
-    lp = loop(tmp_path / "ck", steps=steps, loss=loss)
+    lp = loop(tmp_path / "ck", steps=10, loss=loss)
     r = lp.run()
-    assert r.steps == steps and r.samples_per_second > 0 and r.seconds > 0
-    assert loss.calls == 1 + steps  # the gradient probe, then every step from 0
-    fresh = loop(tmp_path / "fresh", steps=steps)
+    assert r.steps == 10 and r.prefix_steps == 0 and r.seconds > 0 and r.samples_per_second > 0
+    assert loss.calls == 1 + 4  # the gradient probe, then steps 6..10
+    fresh = loop(tmp_path / "fresh", steps=10)
+    fresh.run()
+    assert_same(final(lp), final(fresh))
+
+
+def test_shorter_run_leaves_a_longer_ones_later_checkpoints_alone(tmp_path):
+    """The teacher bug: steps 12 -> 10 resumed the finished 12-step checkpoint and saved it as the 10-step
+    model. A checkpoint past this run's total is neither resumed nor deleted (nor set aside)."""
+    loop(tmp_path / "ck", steps=12, checkpoint_every=12).run()  # only step-00000012
+    later = tree(tmp_path / "ck" / "step-00000012")
+    loss = Counting()
+    lp = loop(tmp_path / "ck", steps=10, loss=loss, keep_checkpoints=1)
+    r = lp.run()
+    assert r.steps == 10 and loss.calls == 1 + 10  # from step 0
+    assert tree(tmp_path / "ck" / "step-00000012") == later
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["FINGERPRINT", "step-00000010", "step-00000012"]
+    fresh = loop(tmp_path / "fresh", steps=10)
+    fresh.run()
+    assert_same(final(lp), final(fresh))
+    again = Counting()
+    assert loop(tmp_path / "ck", steps=12, loss=again).run().steps == 12 and again.calls == 1  # its own, resumed
+
+
+def test_prefix_root_with_the_same_key_is_copied_and_continued(tmp_path, capfd):
+    prefix = tmp_path / "prefix"
+    loop(prefix, steps=6).run()
+    before = tree(prefix)
+    loss = Counting()
+    lp = loop(tmp_path / "ck", steps=10, loss=loss, prefixes=[tmp_path / "absent", prefix])
+    r = lp.run()
+    assert loss.calls == 1 + 4 and r.steps == 10 and r.prefix_steps == 6
+    assert f"took prefix {prefix / 'step-00000006'}" in capfd.readouterr().out
+    assert tree(prefix) == before  # read, never moved or changed
+    fresh = loop(tmp_path / "fresh", steps=10)
+    fresh.run()
+    assert_same(final(lp), final(fresh))
+    # the run's own checkpoints, further along than the prefix, are kept: a rerun trains nothing
+    again = Counting()
+    assert loop(tmp_path / "ck", steps=10, loss=again, prefixes=[prefix]).run().prefix_steps == 6
+    assert again.calls == 1
+    # a prefix at the run's whole length: nothing trained
+    whole = Counting()
+    r = loop(tmp_path / "whole", steps=6, loss=whole, prefixes=[prefix]).run()
+    assert whole.calls == 1 and r.steps == 6 and r.prefix_steps == 6 and r.seconds > 0
+
+
+def test_prefix_root_with_another_key_is_ignored(tmp_path, capfd):
+    prefix = tmp_path / "prefix"
+    other_lr(prefix, 6).run()
+    before = tree(prefix)
+    loss = Counting()
+    lp = loop(tmp_path / "ck", steps=10, loss=loss, prefixes=[prefix])
+    r = lp.run()
+    assert loss.calls == 1 + 10 and r.prefix_steps == 0  # from step 0
+    assert f"prefix {prefix}: another key" in capfd.readouterr().out
+    assert tree(prefix) == before
+    fresh = loop(tmp_path / "fresh", steps=10)
     fresh.run()
     assert_same(final(lp), final(fresh))
 
@@ -303,3 +369,18 @@ def test_reported_seconds_are_the_time_spent_training(tmp_path):
     result = lp.run()
     wall = time.perf_counter() - t0
     assert 0 < result.seconds <= wall
+
+
+def test_closure_code_digest_ignores_what_else_the_process_loaded(monkeypatch):
+    """distill_stage1 and an ablation run import different stage modules: keyed on the trainer's import
+    closure, their stage-1 runs still share a key (and checkpoints)."""
+    import types
+
+    from pipeline import training
+
+    closure, loaded = training.code_digest(("pipeline.training",)), training.code_digest()
+    fake = types.ModuleType("fake_stage")
+    fake.__file__ = str(REPO / "stages" / "ablate_stage1.py")
+    monkeypatch.setitem(sys.modules, "fake_stage", fake)
+    assert training.code_digest(("pipeline.training",)) == closure
+    assert training.code_digest() != loaded

@@ -14,12 +14,27 @@ Variants (params ``ablations.variants``; each ``{two_stage: bool, overrides: {..
   layers_N       other student depths
 A run whose Config equals the headline student's (full at params' seed) is that student: it is evaluated,
 not trained again.
+
+Shared prefixes (pipeline.training: a checkpoint's key leaves out the number of steps, and a run starts
+from another run's checkpoint with its key, copied, never moved). The stage `ablate_stage1` trains full's
+stage 1 once per headline seed into checkpoints/ablations/stage1-s<seed> (``train_stage1_prefix``); at
+params' seed it copies the headline's final stage-1 checkpoint (checkpoints/distill_stage1) instead of
+training. Every run's stage 1 is offered both folders (``stage1_prefixes``), and takes one when its stage-1
+key is full's at its seed:
+  full-sN           stage 1 is the prefix at its full length: no stage-1 step trained
+  single_stage-sN   stage 1 for stage-1 + stage-2 steps: trains only the steps past stage 1's
+  stage2_teacher-sN differs from full in stage 2 only: no stage-1 step trained
+Every other variant changes stage 1 (loss, prompts, depth) and has another key: it trains as before. The
+results are those of uninterrupted runs (bit for bit on the CPU); ``stage1_steps_trained_here`` in a run's
+metrics shows the saving, and ``train_seconds`` stays the cost of the weights (a copied checkpoint carries
+the seconds of the run that trained it).
 """
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Sequence
 
 from pipeline.atomic import write_dir
 from pipeline.config import Config, deep_merge, from_dict
@@ -50,10 +65,24 @@ def is_headline(cfg: Config, variant: str, seed: int) -> bool:
     return two_stage and vcfg == cfg
 
 
+def train_stage1_prefix(cfg: Config, seed: int, *, foundation: Path, teacher: Path, encoded: Path, out: Path,
+                        prefixes: Sequence[Path] = ()) -> dict:
+    """full's stage 1 at ``seed`` into the checkpoint folder ``out`` (its final checkpoint only, with its
+    FINGERPRINT): the prefix every run whose stage 1 is full's starts from. ``prefixes``: the headline's
+    stage-1 checkpoints, copied instead of training when their key is this run's (params' seed)."""
+    from pipeline.distill.trainer import distill
+
+    vcfg, _ = variant_config(cfg, "full", seed)
+    return distill(vcfg, "stage1", foundation=foundation, teacher=teacher, encoded=encoded, out=None,
+                   checkpoints=Path(out), live=None, prefixes=prefixes, keep_checkpoints=1)
+
+
 def run_ablation(cfg: Config, variant: str, seed: int, *, foundation: Path, teacher: Path, encoded: Path,
-                 trajectories: Path, headline: Path, reference: Path, df, out_dir: Path, work_dir: Path):
+                 trajectories: Path, headline: Path, reference: Path, df, out_dir: Path, work_dir: Path,
+                 stage1_prefixes: Sequence[Path] = ()):
     """Train one variant at one seed into ``out_dir`` (or take the ``headline`` student when the run is it)
-    and evaluate it on ``df`` (the test rows) against the teacher's outputs in ``reference``. Returns
+    and evaluate it on ``df`` (the test rows) against the teacher's outputs in ``reference``. Stage 1 starts
+    from the newest checkpoint of ``stage1_prefixes`` with its key, if any (read, never changed). Returns
     (metrics, pipeline.evaluation.evaluate.Evaluation)."""
     from pipeline.distill.trainer import distill
     from pipeline.evaluation.evaluate import PROMPT_COLUMNS, evaluate_model
@@ -72,7 +101,7 @@ def run_ablation(cfg: Config, variant: str, seed: int, *, foundation: Path, teac
         shutil.rmtree(work_dir, ignore_errors=True)
         kw = dict(foundation=foundation, teacher=teacher, encoded=encoded, live=None, trajectories=trajectories)
         s1_out = work_dir / "stage1" if two_stage else out_dir
-        metrics = distill(vcfg, "stage1", out=s1_out, checkpoints=work_dir / "ck1", **kw)
+        metrics = distill(vcfg, "stage1", out=s1_out, checkpoints=work_dir / "ck1", prefixes=stage1_prefixes, **kw)
         if two_stage:
             metrics.update(distill(vcfg, "stage2", out=out_dir, checkpoints=work_dir / "ck2", init=s1_out, **kw))
         shutil.rmtree(work_dir, ignore_errors=True)

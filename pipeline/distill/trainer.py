@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Collection, Literal
+from typing import Collection, Literal, Sequence
 
 import torch
 from diffusers import SD3ControlNetModel
@@ -217,11 +217,14 @@ def student_and_loss(cfg: Config, stage: Stage, backbone, teacher, init: Path | 
                                 compile)
 
 
-def distill(cfg: Config, stage: Stage, *, foundation: Path, teacher: Path, encoded: Path, out: Path,
+def distill(cfg: Config, stage: Stage, *, foundation: Path, teacher: Path, encoded: Path, out: Path | None,
             checkpoints: Path, live: Path | None, init: Path | None = None,
-            max_steps_this_run: int | None = None, trajectories: Path | None = None) -> dict:
-    """Train one stage. ``trajectories``: the teacher's trajectory points (pipeline.distill.trajectories),
-    read when stage 2's noisy input is the teacher's."""
+            max_steps_this_run: int | None = None, trajectories: Path | None = None,
+            prefixes: Sequence[Path] = (), keep_checkpoints: int | None = None) -> dict:
+    """Train one stage into ``out`` (None: only the checkpoints). ``trajectories``: the teacher's trajectory
+    points (pipeline.distill.trajectories), read when stage 2's noisy input is the teacher's. ``prefixes``:
+    other runs' checkpoint folders to start from when their key is this run's (pipeline.training.Loop);
+    ``keep_checkpoints``: default distill.keep_checkpoints."""
     stage_cfg: StageConfig = getattr(cfg.distill, stage)
     from_teacher = stage == "stage2" and cfg.distill.stage2.noisy == "teacher"
     if from_teacher and trajectories is None:
@@ -243,11 +246,15 @@ def distill(cfg: Config, stage: Stage, *, foundation: Path, teacher: Path, encod
         place_frozen(cfg, acc.device, backbone, teacher_model)
 
     loop = Loop(stage, student, data, loss, stage_cfg.train, cfg.seed + (0 if stage == "stage1" else 1), checkpoints,
-                checkpoint_every=cfg.distill.checkpoint_every, keep_checkpoints=cfg.distill.keep_checkpoints,
+                checkpoint_every=cfg.distill.checkpoint_every,
+                keep_checkpoints=cfg.distill.keep_checkpoints if keep_checkpoints is None else keep_checkpoints,
                 live_dir=live, gradient_accumulation_steps=cfg.distill.gradient_accumulation_steps,
                 mixed_precision=cfg.distill.accelerate_precision, ema_decay=cfg.distill.ema_decay,
                 max_steps_this_run=max_steps_this_run, on_start=on_start, optimizer=cfg.distill.optimizer,
-                device=rt.device,
+                device=rt.device, prefixes=list(prefixes),
+                # The code the loss and model come from, whatever else the stage's process imported: the
+                # distill stages and the ablation runs then share keys, hence checkpoints (prefixes).
+                code=("pipeline.distill.trainer",),
                 # What the loss reads beyond the Loop's own settings; not the other stage's params, nor
                 # checkpoint cadence or gradient checkpointing, which change no result.
                 fingerprint=json.dumps({"scheduler": cfg.scheduler.model_dump(mode="json"), "alpha": cfg.distill.alpha,
@@ -257,8 +264,10 @@ def distill(cfg: Config, stage: Stage, *, foundation: Path, teacher: Path, encod
                         **({f"empty_{k}": v for k, v in empty.items()} if dropout else {})})
     result = loop.run()
     metrics = {f"{stage}_train_seconds": result.seconds, f"{stage}_samples_per_s": result.samples_per_second,
-               f"{stage}_steps": result.steps, **{f"{stage}_final_{k}": v for k, v in result.last.items()}}
-    if result.steps == stage_cfg.train.steps and result.main:  # one writer when several processes train
+               f"{stage}_steps": result.steps, f"{stage}_steps_trained_here": result.steps - result.prefix_steps,
+               **{f"{stage}_final_{k}": v for k, v in result.last.items()}}
+    # one writer when several processes train
+    if out is not None and result.steps == stage_cfg.train.steps and result.main:
         save_atomic(loop.model.eval(), out)
         write_model_card(out, cfg, stage, metrics, loss.pairs)
     return metrics

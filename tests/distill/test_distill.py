@@ -218,3 +218,38 @@ def test_prompt_dropout_gives_teacher_and_student_the_stock_empty_prompt(micro_w
 
     m = run(micro_world, "stage1", tmp_path / "s1", tmp_path / "ck", cfg=cfg)
     assert m["stage1_steps"] == 4 and (tmp_path / "s1" / "config.json").exists()
+
+
+def _tree(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+def test_ablation_runs_share_full_stage1(micro_world, tmp_path):
+    """ablate_stage1 copies the headline's stage 1 at params' seed; single_stage continues it for stage 2's
+    steps only and ends where an uninterrupted single_stage run ends; a variant with another stage-1 key
+    (from_scratch) or another seed ignores it. The prefix folders are only read."""
+    from pipeline.distill import ablation
+
+    cfg, w = micro_world["cfg"], micro_world
+    kw = dict(foundation=w["foundation"], teacher=w["teacher"], encoded=w["encoded"])
+    s1, s2 = cfg.distill.stage1.train.steps, cfg.distill.stage2.train.steps
+    run(w, "stage1", tmp_path / "student_stage1", tmp_path / "ck_headline")  # distill_stage1
+    headline = _tree(tmp_path / "ck_headline")
+    prefix = tmp_path / f"stage1-s{cfg.seed}"
+    m = ablation.train_stage1_prefix(cfg, cfg.seed, out=prefix, prefixes=[tmp_path / "ck_headline"], **kw)
+    assert m["stage1_steps"] == s1 and m["stage1_steps_trained_here"] == 0 and m["stage1_train_seconds"] > 0
+    assert sorted(p.name for p in prefix.iterdir()) == ["FINGERPRINT", f"step-{s1:08d}"]
+    assert _tree(tmp_path / "ck_headline") == headline
+    other = ablation.train_stage1_prefix(cfg, cfg.seed + 1, out=tmp_path / "other", prefixes=[tmp_path / "ck_headline"],
+                                         **kw)
+    assert other["stage1_steps_trained_here"] == s1  # another seed: another key
+    single, _ = ablation.variant_config(cfg, "single_stage", cfg.seed)
+    m = run(w, "stage1", tmp_path / "single", tmp_path / "ck_single", cfg=single, prefixes=[prefix])
+    assert m["stage1_steps"] == s1 + s2 and m["stage1_steps_trained_here"] == s2
+    run(w, "stage1", tmp_path / "single_fresh", tmp_path / "ck_single_fresh", cfg=single)
+    a, b = weights(tmp_path / "single"), weights(tmp_path / "single_fresh")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    scratch, _ = ablation.variant_config(cfg, "from_scratch", cfg.seed)
+    m = run(w, "stage1", tmp_path / "scratch", tmp_path / "ck_scratch", cfg=scratch, prefixes=[prefix])
+    assert m["stage1_steps_trained_here"] == s1 + s2
+    assert sorted(p.name for p in prefix.iterdir()) == ["FINGERPRINT", f"step-{s1:08d}"]
