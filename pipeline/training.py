@@ -43,6 +43,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from pipeline.config import TrainLoop
+from pipeline.threads import follow as follow_threads
 
 _PARENT = os.getppid()  # at import: if it differs later, the parent died before die_with_parent() ran
 
@@ -267,6 +268,7 @@ class Loop:
                                         f"good checkpoint is kept in {self.checkpoint_dir}") from None
             if ema:
                 ema.step(params)
+            follow_threads()  # the concurrent executor may lend this process idle threads (pipeline.threads)
             done = step + 1
             last = {k: float(v.detach()) for k, v in terms.items()}
             if live and (done % self.log_every == 0 or done == end):
