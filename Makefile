@@ -38,7 +38,7 @@ run-sequential: install   ## the same, one stage at a time (plain dvc repro)
 
 smoke: install            ## the whole DAG on the smoke profile, in $(SMOKE)/ (default outputs untouched)
 	$(PY) -m pipeline.profile workspace smoke $(SMOKE)
-	cd $(SMOKE) && dvc repro
+	cd $(SMOKE) && python -m pipeline.flows run full $(if $(JOBS),--jobs $(JOBS)) --wall-time reports/run_time.json
 
 # The sd3 profile's pretrained code path on CPU: configs/sd3_local.yaml, whose small stand-in models (real
 # classes, hub layouts) pipeline.models.standins writes into the workspace; resolve, check, link, T5, Qwen

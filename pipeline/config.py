@@ -224,7 +224,7 @@ class RuntimeConfig(_Strict):
         ..., description="frozen models' dtype on the CPU (world.dtype applies on accelerators)")
     encode_batch_size: int = Field(..., ge=1, description="rows per VAE / text-encoder call in encode")
     sample_batch_size: int = Field(..., ge=1, description="images per denoising loop in the sampler "
-                                                          "(memory only; evaluate.batch_size sets the noise seeds)")
+                                                          "(memory only; each image's noise is seed + its index)")
     vae_slicing: bool = Field(..., description="VAE one image at a time (same values, less memory)")
     vae_tiling: bool = Field(..., description="VAE in tiles above its sample size (values change slightly)")
 

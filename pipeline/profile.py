@@ -18,6 +18,7 @@ import yaml
 
 from pipeline.atomic import write_file
 from pipeline.config import ConfigError, deep_merge, from_dict, load, load_raw, merge_into
+from pipeline.paths import RUN_TIME
 
 ROOT = Path(__file__).resolve().parent.parent
 # What a workspace needs besides its params: code and pipeline definition, never outputs.
@@ -160,6 +161,12 @@ def make_workspace(name: str, dest: Path, base: Path = ROOT / "params.yaml") -> 
         else:
             shutil.copy2(src, target)
     write_params(merged(name, base), dest / "params.yaml")
+    # The profile's last measured stage times: the concurrent flow starts the longest paths first by them
+    # (a workspace's own record, written by its runs, takes over).
+    record = ROOT / "configs" / "run_time" / f"{name}.json"
+    if record.exists() and not (dest / RUN_TIME).exists():
+        (dest / RUN_TIME).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(record, dest / RUN_TIME)
     # A git repository, so that `dvc exp run`, `dvc metrics diff` and `dvc params diff` work there too.
     git = ["git", "-c", "user.name=refine-control", "-c", "user.email=refine-control@localhost"]
     if not (dest / ".git").exists():

@@ -7,8 +7,8 @@ decides it; every stage that runs a model asks here (params section ``runtime``,
   change the tiny world's outputs). Trained models keep float32 weights; ``distill.mixed_precision``
   decides their autocast.
 - micro-batches: ``runtime.encode_batch_size`` rows per VAE/text-encoder call in ``encode``;
-  ``runtime.sample_batch_size`` images per denoising loop in the sampler (``evaluate.batch_size`` is the
-  batch that shares a noise seed, so this one changes memory, not which noise an image gets).
+  ``runtime.sample_batch_size`` images per denoising loop in the sampler (each image has its own noise,
+  from ``evaluate.seed`` + its index, so this changes memory, not which noise an image gets).
 - ``runtime.vae_slicing`` (one image at a time through the VAE; same values) and ``runtime.vae_tiling``
   (tiles above the VAE's sample size, for resolutions whose activations do not fit; changes values
   slightly, the stock pipeline does not tile by default).

@@ -91,7 +91,7 @@ def run_ablation(cfg: Config, variant: str, seed: int, *, foundation: Path, teac
     vcfg, two_stage = variant_config(cfg, variant, seed)
     work_dir, out_dir = Path(work_dir), Path(out_dir)
     metrics: dict = {}
-    if is_headline(cfg, variant, seed):
+    if two_stage and vcfg == cfg:  # is_headline, without building the Config twice
         model = Path(headline)
         with write_dir(out_dir) as tmp:  # the run's DVC output: a pointer, not a second copy of the weights
             (tmp / "README.md").write_text(f"{run_name(variant, seed)} is the headline student: {model} "

@@ -95,8 +95,8 @@ def evaluate_model(cfg: Config, pipe, name: str, controlnet: str | Path | None, 
                                                                  cfg.data.image_size)))
             for k, v in got.items():
                 columns.setdefault(k, []).append(v.double())
-            if sum(len(s) for s in samples) < ec.num_samples:
-                samples.append(pred[:ec.num_samples - sum(len(s) for s in samples)])
+            if (kept := sum(len(s) for s in samples)) < ec.num_samples:
+                samples.append(pred[:ec.num_samples - kept])
             if keep_all:
                 kept["pred"].append(pred)
                 kept["target"].append(images)

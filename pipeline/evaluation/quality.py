@@ -64,15 +64,6 @@ def per_image_agreement(pred: torch.Tensor, reference: torch.Tensor) -> dict[str
     return {"agree_psnr": psnr(pred, reference), "agree_ssim": ssim(pred, reference)}
 
 
-def quality(pred: torch.Tensor, target: torch.Tensor, hole: torch.Tensor) -> dict[str, float]:
-    """Means of ``per_image`` (an unmasked mean over the images that have pixels outside the hole)."""
-    return summarise({k: v.double() for k, v in per_image(pred, target, hole).items()})
-
-
-def agreement(pred: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
-    return summarise(per_image_agreement(pred, reference))
-
-
 def summarise(columns: dict[str, torch.Tensor]) -> dict[str, float | None]:
     """Per-image columns -> their means (None when a column has no finite value), plus psnr_std."""
     out: dict[str, float | None] = {}

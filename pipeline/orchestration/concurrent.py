@@ -7,7 +7,8 @@
 * The others are launched as soon as threads are free: ``jobs`` threads in all (``--jobs N``,
   ``flows.jobs``, default ``os.cpu_count()``). Ready stages go in order of their *critical path*: the
   longest chain of stage times from them to the end of the DAG, taken from an earlier run's ``--wall-time``
-  record (:func:`critical_path`; DAG order without one), so the stages the run waits on start first. A
+  record (:func:`critical_path`; without one, the longest chain of stages), so the stages the run waits on
+  start first. A
   stage launched alone gets every free thread; stages ready together split the free threads (at least one
   each, the first taking the remainder); when no thread is free they wait. A stage's threads are set in its
   command's environment (:data:`THREAD_VARS`: OpenMP/MKL/BLAS pools, which torch's intra-op pool follows).
@@ -123,9 +124,10 @@ def stage_seconds(record: str | Path | dict | None) -> dict[str, float]:
 
 def critical_path(stages: list[Stage], seconds: dict[str, float]) -> dict[str, float]:
     """For each of ``stages`` (DAG order), the longest sum of stage seconds on a path from it to the end
-    of the DAG, itself included. A stage without a time counts the median of the known ones."""
+    of the DAG, itself included. A stage without a time counts the median of the known ones (1 when none
+    is known: the path is then the number of stages on the longest chain below)."""
     known = sorted(seconds.values())
-    default = known[len(known) // 2] if known else 0.0
+    default = known[len(known) // 2] if known else 1.0
     below: dict[str, list[str]] = {s.address: [] for s in stages}
     for s in stages:
         for u in s.upstream:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-from pipeline.evaluation.quality import agreement, optional_metrics, psnr, quality, ssim
+from pipeline.evaluation.quality import optional_metrics, per_image, per_image_agreement, psnr, ssim, summarise
 from tests.params import config
 
 
@@ -72,12 +72,12 @@ def test_quality_reads_the_hole_as_masked_and_the_rest_as_unmasked():
     hole = torch.zeros(1, 1, 16, 16)
     hole[..., 4:12, 4:12] = 1
     pred = target + 0.2 * hole  # wrong only in the hole
-    q = quality(pred, target, hole)
+    q = summarise(per_image(pred, target, hole))
     assert q["psnr_masked"] == pytest.approx(20.0, abs=1e-4)
     assert q["psnr_unmasked"] == pytest.approx(100.0)  # no error: PSNR's 1e-10 MSE floor
     assert q["ssim_unmasked"] > q["ssim_masked"]
-    assert quality(pred, target, torch.ones_like(hole))["psnr_unmasked"] is None  # nothing outside the hole
-    assert agreement(pred, pred) == {"agree_psnr": pytest.approx(100.0), "agree_ssim": pytest.approx(1.0)}
+    assert summarise(per_image(pred, target, torch.ones_like(hole)))["psnr_unmasked"] is None  # nothing outside the hole
+    assert summarise(per_image_agreement(pred, pred)) == {"agree_psnr": pytest.approx(100.0), "agree_ssim": pytest.approx(1.0)}
 
 
 def test_missing_weight_path_is_named():

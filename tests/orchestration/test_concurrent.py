@@ -187,6 +187,7 @@ def test_critical_path_sums_the_longest_chain_below_each_stage():
     path = critical_path(stages, {"a": 1, "b": 5, "c": 10, "d": 2})
     assert path == {"a": 11, "b": 7, "c": 10, "d": 2}
     assert critical_path(stages, {"a": 1, "c": 3, "d": 5})["b"] == 3 + 5   # unknown: the median (3)
+    assert critical_path(stages, {}) == {"a": 2, "b": 2, "c": 1, "d": 1}  # no times: stages on the chain
     record = {"stages": [{"stage": "a", "seconds": 2.5, "threads": 1}, {"stage": "b", "skipped": True}]}
     assert stage_seconds(record) == {"a": 2.5} and stage_seconds("/no/such/file.json") == {}
 
