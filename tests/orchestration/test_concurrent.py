@@ -289,3 +289,17 @@ def test_follow_applies_the_executor_thread_count(tmp_path, monkeypatch):
         assert threads.follow() is None                          # outside the executor: nothing
     finally:
         torch.set_num_threads(before)
+
+
+def test_fanout_runs_the_stages_one_after_another_then_side_by_side(project, tmp_path):
+    from pipeline.orchestration import fanout
+    out = tmp_path / "fanout.json"
+    assert fanout.main(["w@a", "w@b", "--workspace", str(project), "--jobs", "2", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["stages"] == ["w@a", "w@b"] and record["jobs"] == 2
+    assert [r["threads"] for r in record["sequential"]] == [2, 2]     # each alone with every thread
+    assert [r["threads"] for r in record["concurrent"]] == [1, 1]     # split
+    assert record["speedup"] == pytest.approx(record["sequential_seconds"] / record["concurrent_seconds"], rel=1e-3)
+    a, b = records(project)["a"], records(project)["b"]                 # the side-by-side run's own records
+    assert a["pid"] != b["pid"] and a["start"] < b["end"] and b["start"] < a["end"]
+    assert json.loads(_dvc(project, "status", "--json", "w@a", "w@b").stdout or "{}") == {}   # committed
