@@ -14,8 +14,8 @@
   command's environment (:data:`THREAD_VARS`: OpenMP/MKL/BLAS pools, which torch's intra-op pool follows).
 * Threads are elastic (:mod:`pipeline.threads`): when threads are free and no stage is ready, the running
   stage with the longest critical path is given them (its ``.threads`` file, which its training and
-  sampling loops follow); when a stage becomes ready and none is free, those extra threads are taken back
-  first. A stage never goes below the threads it was launched with, so a command that does not follow the
+  sampling loops follow); when more stages are ready than threads are free, those extra threads are
+  taken back first. A stage never goes below the threads it was launched with, so a command that does not follow the
   file is never oversubscribed (at most for the ~2 s a follower takes to notice).
 * Each stage runs as :func:`concurrent_stage_task`: through :func:`.stages.run_outside_repro`, i.e. its
   outputs removed as ``dvc repro`` removes them, its ``cmd`` (as dvc.yaml says, matrix items resolved) in
@@ -304,8 +304,10 @@ def run_concurrently(
                 except BaseException as exc:       # noqa: BLE001 -- reported below, after the others
                     failure, failed = exc, [stage.address]
                 continue
-            if not lone and runnable and not free:  # take lent threads back, shortest path first
+            if not lone and len(runnable) > free:  # take lent threads back, shortest path first
                 for address in sorted(running, key=lambda a: path[a]):
+                    if free >= len(runnable):
+                        break
                     if running[address]["extra"]:
                         free += running[address]["extra"]
                         running[address]["extra"] = 0

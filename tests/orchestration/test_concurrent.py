@@ -192,78 +192,66 @@ def test_critical_path_sums_the_longest_chain_below_each_stage():
     assert stage_seconds(record) == {"a": 2.5} and stage_seconds("/no/such/file.json") == {}
 
 
-def test_ready_stages_start_longest_path_first_and_idle_threads_are_lent(tmp_path):
+def _drive(stages, root, jobs, seconds):
+    """The scheduler in a thread with hand-finished futures; -> (thread, _Manual, retune calls, result)."""
     import threading
 
     from pipeline.orchestration.concurrent import run_concurrently
+    manual, retuned, result = _Manual(), [], {}
+    t = threading.Thread(target=lambda: result.update(r=run_concurrently(
+        stages, root, jobs, manual, force=True, seconds=seconds,
+        retune=lambda st, n: retuned.append((st.address, n)))))
+    t.start()
+    return t, manual, retuned, result
+
+
+def _wait_for(cond):
+    import time
+    for _ in range(500):
+        if cond():
+            return
+        time.sleep(0.01)
+    raise AssertionError("scheduler did not get there")
+
+
+def test_ready_stages_start_longest_path_first_and_idle_threads_are_lent(tmp_path):
     # short (1 s, then next below it) and long (100 s, then tail below it) are ready together: 1 thread
     # each, long first. When short ends, next takes its thread; when next ends and nothing is ready, long
     # is lent the free thread; after long, tail starts alone with both.
     stages = [_stage("short"), _stage("long"), _stage("tail", "long"), _stage("next", "short")]
-    seconds = {"short": 1, "long": 100, "tail": 100, "next": 1}
-    manual, retuned = _Manual(), []
-    result = {}
-
-    def drive():
-        result["r"] = run_concurrently(stages, tmp_path, 2, manual, force=True, seconds=seconds,
-                                       retune=lambda st, n: retuned.append((st.address, n)))
-
-    t = threading.Thread(target=drive)
-    t.start()
-
-    def wait_for(cond):
-        import time
-        for _ in range(500):
-            if cond():
-                return
-            time.sleep(0.01)
-        raise AssertionError("scheduler did not get there")
-
-    wait_for(lambda: len(manual.launched) == 2)
+    t, manual, retuned, result = _drive(stages, tmp_path, 2, {"short": 1, "long": 100, "tail": 100, "next": 1})
+    _wait_for(lambda: len(manual.launched) == 2)
     assert manual.launched == [("long", 1), ("short", 1)]       # longest remaining path first
     manual.futures["short"].set_result({"stage": "short"})
-    wait_for(lambda: len(manual.launched) == 3)
+    _wait_for(lambda: len(manual.launched) == 3)
     assert manual.launched[2] == ("next", 1) and retuned == []  # a ready stage takes the free thread
     manual.futures["next"].set_result({"stage": "next"})
-    wait_for(lambda: retuned)
+    _wait_for(lambda: retuned)
     assert retuned == [("long", 2)]                              # nothing ready: lent to the running one
     manual.futures["long"].set_result({"stage": "long"})
-    wait_for(lambda: len(manual.launched) == 4)
+    _wait_for(lambda: len(manual.launched) == 4)
     assert manual.launched[3] == ("tail", 2)
     manual.futures["tail"].set_result({"stage": "tail"})
     t.join(5)
     assert [r["stage"] for r in result["r"]] == ["short", "long", "tail", "next"]
 
 
-def test_lent_threads_are_taken_back_when_a_stage_becomes_ready(tmp_path):
-    import threading
-    import time
-
-    from pipeline.orchestration.concurrent import run_concurrently
-    stages = [_stage("a"), _stage("b"), _stage("c", "b")]
-    manual, retuned = _Manual(), []
-    t = threading.Thread(target=lambda: run_concurrently(
-        stages, tmp_path, 2, manual, force=True, seconds={"a": 50, "b": 1, "c": 1},
-        retune=lambda st, n: retuned.append((st.address, n))))
-    t.start()
-    for _ in range(500):
-        if len(manual.launched) == 2:
-            break
-        time.sleep(0.01)
-    assert manual.launched == [("a", 1), ("b", 1)]
-    manual.futures["b"].set_result({})
-    for _ in range(500):
-        if len(manual.launched) == 3:
-            break
-        time.sleep(0.01)
-    assert manual.launched[2] == ("c", 1) and retuned == []      # c ready at once: no lending
-    manual.futures["c"].set_result({})
-    for _ in range(500):
-        if retuned:
-            break
-        time.sleep(0.01)
+def test_lent_threads_are_taken_back_when_more_stages_are_ready_than_threads_free(tmp_path):
+    # 3 threads: a (long), x and b start with 1 each. x ends with nothing ready: a is lent its thread.
+    # b ends: c1 and c2 become ready with 1 thread free, so a gives its lent thread back and both start.
+    stages = [_stage("a"), _stage("x"), _stage("b"), _stage("c1", "b"), _stage("c2", "b")]
+    t, manual, retuned, _ = _drive(stages, tmp_path, 3, {"a": 50, "x": 1, "b": 2, "c1": 1, "c2": 1})
+    _wait_for(lambda: len(manual.launched) == 3)
+    assert manual.launched == [("a", 1), ("b", 1), ("x", 1)]
+    manual.futures["x"].set_result({})
+    _wait_for(lambda: retuned)
     assert retuned == [("a", 2)]
-    manual.futures["a"].set_result({})
+    manual.futures["b"].set_result({})
+    _wait_for(lambda: len(manual.launched) == 5)
+    assert retuned == [("a", 2), ("a", 1)]                       # taken back before c1, c2 launched
+    assert sorted(manual.launched[3:]) == [("c1", 1), ("c2", 1)]
+    for name in ("c1", "c2", "a"):
+        manual.futures[name].set_result({})
     t.join(5)
     assert not t.is_alive()
 
