@@ -111,6 +111,8 @@ def test_edges_sampler_equals_stock_controlnet_pipeline(edges_setup, monkeypatch
     monkeypatch.setattr(vae_mod.DiagonalGaussianDistribution, "sample",
                         lambda self, generator=None: self.mode())
     s, steps, seed = edges_setup, 3, 7
+    # a non-zero shift, so the stock pipeline's no-shift rule for zero-pooled ControlNets is exercised
+    assert s["pipe"].vae.config.shift_factor != 0
     cfg, prompts = s["cfg"], list(s["df"]["local_prompt"])
     seeds = [seed + i for i in range(len(prompts))]
     ours = inpaint_images(s["pipe"], s["student"], STUDENT_CONVENTION, s["images"], None, prompts,
