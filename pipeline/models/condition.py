@@ -98,3 +98,35 @@ def prepare_control(vae, image: torch.Tensor, mask: torch.Tensor | None,
 def loss_mask(hole: torch.Tensor | None, condition: str) -> torch.Tensor | None:
     """The latent mask L_task weights by: the hole under inpaint, None (uniform 1) under edges."""
     return hole if check(condition) == "inpaint" else None
+
+
+# What the encode stage stores per row for the control (pipeline.data.shards), so training runs no VAE:
+# inpaint: the encoded masked image and the latent hole mask (as before the condition existed); edges: the
+# encoded edge map, ``prepare_control``'s control as it is, under its own key. Not ``masked_latents`` with an
+# all-ones mask: that would name an edge map a masked image, carry a mask channel edges does not feed the
+# ControlNet, and leave L_task reading a fake hole.
+SHARD_KEYS: dict[str, tuple[str, ...]] = {"inpaint": ("masked_latents", "mask"), "edges": ("control_latents",)}
+
+
+def shard_keys(condition: str) -> tuple[str, ...]:
+    """The encoded-shard tensors that hold the control under ``condition``."""
+    return SHARD_KEYS[check(condition)]
+
+
+@torch.no_grad()
+def encode_for_shards(vae, images: torch.Tensor, masks: torch.Tensor | None,
+                      condition: str) -> dict[str, torch.Tensor]:
+    """What the encode stage writes for the control (``shard_keys``): inpaint the masked image's latents and
+    the latent hole mask, edges the encoded edge map (``prepare_control``)."""
+    if check(condition) == "inpaint":
+        masked = inpaint.encode(vae, inpaint.masked_image(images, masks))
+        return {"masked_latents": masked, "mask": inpaint.latent_mask(masks, masked.shape[-2:])}
+    return {"control_latents": prepare_control(vae, images, None, condition)[0]}
+
+
+def control_from_shards(t: dict[str, torch.Tensor], condition: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Encoded-shard tensors -> (``controlnet_cond``, latent loss mask), as ``prepare_control`` returns them
+    from pixels: inpaint the 17-channel control and the hole, edges the encoded edge map and None."""
+    if check(condition) == "inpaint":
+        return inpaint.control_input(t["masked_latents"], t["mask"]), t["mask"]
+    return t["control_latents"], None
