@@ -65,13 +65,17 @@ def _train_outs(name: str, model) -> list:
     return [model, (P.CHECKPOINTS / name, PERSIST), (P.DVCLIVE / name, PERSIST)]
 
 
+# condition (pipeline/models/condition.py): the ControlNets' input and L_task's weighting, read by every
+# stage that encodes, trains, loads a ControlNet or samples with one
+_CONDITION = ["condition"]
 # text.max_sequence_length: prompt dropout embeds the empty prompt as the encode stage embeds prompts
-_DISTILL_COMMON = ["seed", "scheduler", "distill.student_layers", "distill.alpha", "distill.prompt_dropout",
+_DISTILL_COMMON = [*_CONDITION, "seed", "scheduler", "distill.student_layers", "distill.alpha", "distill.prompt_dropout",
                    "text.max_sequence_length", "distill.gradient_accumulation_steps", "distill.mixed_precision",
                    "distill.gradient_checkpointing", "distill.optimizer", "distill.ema_decay",
                    "distill.checkpoint_every", "distill.keep_checkpoints", "distill.compile"]
-# pipeline.runtime: where the models run and the frozen models' dtype (world.dtype on an accelerator)
-_RUNTIME = ["runtime.device", "runtime.cpu_dtype", "world.dtype"]
+# pipeline.runtime: where the models run and the frozen models' dtype (world.dtype on an accelerator), and
+# the condition its load_controlnet loads ControlNets for
+_RUNTIME = ["runtime.device", "runtime.cpu_dtype", "world.dtype", *_CONDITION]
 _VAE_RUNTIME = ["runtime.vae_slicing", "runtime.vae_tiling"]
 _SAMPLING = ["data.image_size", "text.max_sequence_length", "evaluate", *_RUNTIME, *_VAE_RUNTIME,
              "runtime.sample_batch_size"]
@@ -113,7 +117,7 @@ STAGES = [
     Stage("backbone", "backbone", deps=[P.SCENES, P.VAE], params=[*_WORLD, "text", "scheduler", "backbone"],
           outs=_train_outs("backbone", P.BACKBONE), metrics=[P.FOUNDATION_METRICS / "backbone.json"]),
     Stage("teacher", "teacher", deps=[P.SCENES, P.BACKBONE],
-          params=[*_WORLD, "runtime.cpu_dtype", "text.max_sequence_length", "scheduler", "teacher.num_layers",
+          params=[*_WORLD, *_CONDITION, "runtime.cpu_dtype", "text.max_sequence_length", "scheduler", "teacher.num_layers",
                   "teacher.prompt_dropout", "teacher.train"],
           outs=_train_outs("teacher", P.TEACHER), metrics=[P.FOUNDATION_METRICS / "teacher.json"]),
     Stage("validate_teacher", "validate_teacher", deps=[P.SCENES, P.BACKBONE, P.TEACHER],
@@ -123,7 +127,7 @@ STAGES = [
                                     P.GATES / "captions.json"],
           params=["data.image_size", "text.max_sequence_length", *_RUNTIME, *_VAE_RUNTIME, "runtime.encode_batch_size"],
           outs=[P.ENCODED], metrics=[P.ENCODE_METRICS]),
-    Stage("validate_encoded", "validate_encoded", deps=[P.ENCODED, P.TRIPLETS, P.BACKBONE],
+    Stage("validate_encoded", "validate_encoded", deps=[P.ENCODED, P.TRIPLETS, P.BACKBONE], params=_CONDITION,
           outs=[(P.GATES / "encoded.md", NOCACHE)], metrics=[P.GATES / "encoded.json"]),
     Stage("encode_benchmark", "encode_benchmark",
           deps=[P.ENCODED, P.BACKBONE, P.TEACHER, P.TRIPLETS, P.CAPTIONS],
