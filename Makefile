@@ -17,7 +17,7 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install run run-sequential smoke smoke-sd3 test test-fast dag clean-smoke
+.PHONY: install run run-sequential studies smoke smoke-sd3 test test-fast dag clean-smoke
 
 install: $(STAMP)
 
@@ -35,6 +35,9 @@ run: install              ## the default profile: the whole DAG, independent sta
 
 run-sequential: install   ## the same, one stage at a time (plain dvc repro)
 	dvc repro
+
+studies: install          ## the studies outside make run's budget (studies/dvc.yaml: the compression frontier)
+	dvc repro studies/dvc.yaml
 
 smoke: install            ## the whole DAG on the smoke profile, in $(SMOKE)/ (default outputs untouched)
 	$(PY) -m pipeline.profile workspace smoke $(SMOKE)

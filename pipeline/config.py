@@ -470,6 +470,9 @@ class FlowSettings(_Strict):
 
 class Config(_Strict):
     seed: int
+    condition: Literal["inpaint", "edges"] = Field(..., description=(
+        "the spatial condition (pipeline/models/condition.py): inpaint = masked image + mask channel "
+        "(SD3 inpainting ControlNet); edges = Sobel edge map of the image, no mask channel"))
     data: DataConfig
     world: WorldConfig
     runtime: RuntimeConfig

@@ -1,8 +1,12 @@
 """dvc.yaml, generated: each stage's paths come from pipeline.paths, its code deps are the import closure
 of its stage module within the project, and its params deps are the dotted keys it reads (listed here).
 
-    python -m pipeline.dvcgen            # rewrite dvc.yaml
-    python -m pipeline.dvcgen --check    # exit 1 if dvc.yaml differs from what this file generates
+    python -m pipeline.dvcgen            # rewrite dvc.yaml and studies/dvc.yaml
+    python -m pipeline.dvcgen --check    # exit 1 if either differs from what this file generates
+
+studies/dvc.yaml (STUDY_STAGES): the studies that run outside `make run` (`make studies`), in the same DVC
+graph (their deps are the main stages' outputs); ``wdir: ..`` so their commands, deps and outs are relative
+to the repository root like dvc.yaml's; their own params in studies/params.yaml (pipeline/studies).
 
 Editing a module reruns exactly the stages that import it; a new import is picked up by regenerating
 (tests/test_dvcgen.py fails until dvc.yaml is regenerated). pipeline/config.py is in every closure: it is
@@ -19,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from pipeline import paths as P
+from pipeline import studies as S
 from pipeline.closure import PROJECT_PACKAGES, import_closure  # noqa: F401 - dvcgen.import_closure
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,13 +65,17 @@ def _train_outs(name: str, model) -> list:
     return [model, (P.CHECKPOINTS / name, PERSIST), (P.DVCLIVE / name, PERSIST)]
 
 
+# condition (pipeline/models/condition.py): the ControlNets' input and L_task's weighting, read by every
+# stage that encodes, trains, loads a ControlNet or samples with one
+_CONDITION = ["condition"]
 # text.max_sequence_length: prompt dropout embeds the empty prompt as the encode stage embeds prompts
-_DISTILL_COMMON = ["seed", "scheduler", "distill.student_layers", "distill.alpha", "distill.prompt_dropout",
+_DISTILL_COMMON = [*_CONDITION, "seed", "scheduler", "distill.student_layers", "distill.alpha", "distill.prompt_dropout",
                    "text.max_sequence_length", "distill.gradient_accumulation_steps", "distill.mixed_precision",
                    "distill.gradient_checkpointing", "distill.optimizer", "distill.ema_decay",
                    "distill.checkpoint_every", "distill.keep_checkpoints", "distill.compile"]
-# pipeline.runtime: where the models run and the frozen models' dtype (world.dtype on an accelerator)
-_RUNTIME = ["runtime.device", "runtime.cpu_dtype", "world.dtype"]
+# pipeline.runtime: where the models run and the frozen models' dtype (world.dtype on an accelerator), and
+# the condition its load_controlnet loads ControlNets for
+_RUNTIME = ["runtime.device", "runtime.cpu_dtype", "world.dtype", *_CONDITION]
 _VAE_RUNTIME = ["runtime.vae_slicing", "runtime.vae_tiling"]
 _SAMPLING = ["data.image_size", "text.max_sequence_length", "evaluate", *_RUNTIME, *_VAE_RUNTIME,
              "runtime.sample_batch_size"]
@@ -108,7 +117,7 @@ STAGES = [
     Stage("backbone", "backbone", deps=[P.SCENES, P.VAE], params=[*_WORLD, "text", "scheduler", "backbone"],
           outs=_train_outs("backbone", P.BACKBONE), metrics=[P.FOUNDATION_METRICS / "backbone.json"]),
     Stage("teacher", "teacher", deps=[P.SCENES, P.BACKBONE],
-          params=[*_WORLD, "runtime.cpu_dtype", "text.max_sequence_length", "scheduler", "teacher.num_layers",
+          params=[*_WORLD, *_CONDITION, "runtime.cpu_dtype", "text.max_sequence_length", "scheduler", "teacher.num_layers",
                   "teacher.prompt_dropout", "teacher.train"],
           outs=_train_outs("teacher", P.TEACHER), metrics=[P.FOUNDATION_METRICS / "teacher.json"]),
     Stage("validate_teacher", "validate_teacher", deps=[P.SCENES, P.BACKBONE, P.TEACHER],
@@ -118,7 +127,7 @@ STAGES = [
                                     P.GATES / "captions.json"],
           params=["data.image_size", "text.max_sequence_length", *_RUNTIME, *_VAE_RUNTIME, "runtime.encode_batch_size"],
           outs=[P.ENCODED], metrics=[P.ENCODE_METRICS]),
-    Stage("validate_encoded", "validate_encoded", deps=[P.ENCODED, P.TRIPLETS, P.BACKBONE],
+    Stage("validate_encoded", "validate_encoded", deps=[P.ENCODED, P.TRIPLETS, P.BACKBONE], params=_CONDITION,
           outs=[(P.GATES / "encoded.md", NOCACHE)], metrics=[P.GATES / "encoded.json"]),
     Stage("encode_benchmark", "encode_benchmark",
           deps=[P.ENCODED, P.BACKBONE, P.TEACHER, P.TRIPLETS, P.CAPTIONS],
@@ -177,6 +186,33 @@ STAGES = [
           metrics=[P.REPORT_METRICS, P.STUDY_METRICS, P.HEADLINE_METRICS]),
 ]
 
+# ------------------------------------------------------------------------------------- studies/dvc.yaml
+# outputs under models/studies, metrics/studies, reports/studies(.md): none inside a main stage's outputs or
+# the folders the main report reads (metrics/ablations, metrics/per_image)
+_FRONTIER_RUN = "d${item.depth}-af_${item.af}-s${item.seed}"   # pipeline.studies.frontier.run_name
+_STUDY_PARAMS = str(S.STUDY_PARAMS)
+
+STUDY_STAGES = [
+    # run_ablation's deps and params (a variant of the Config at the headline budget); the run is named by
+    # its cmd, so adding a depth or seed to studies/params.yaml runs only the new runs
+    Stage("frontier", "study_frontier", args="${item.depth} ${item.af} ${item.seed}",
+          matrix={"depth": "${frontier.depths}", "af": "${frontier.feature_alignment}", "seed": "${frontier.seeds}"},
+          deps=[*_STUDY_DATA, _ABLATION_STAGE1],
+          params=["seed", "scheduler", "distill", "text.max_sequence_length", *_SAMPLING, "teacher.num_layers",
+                  "ablations.headline_seeds"],
+          outs=[S.FRONTIER_MODELS / _FRONTIER_RUN],
+          metrics=[S.FRONTIER_RUNS / f"{_FRONTIER_RUN}.json", S.FRONTIER_PER_IMAGE / f"{_FRONTIER_RUN}.csv"]),
+    Stage("frontier_latency", "study_frontier_latency", deps=[P.BACKBONE, P.TEACHER],
+          params=["text.max_sequence_length", *_RUNTIME, *_VAE_RUNTIME, "benchmark", "teacher.num_layers",
+                  "ablations.headline_seeds", {_STUDY_PARAMS: ["frontier.depths"]}],
+          metrics=[S.FRONTIER_LATENCY]),
+    Stage("studies_report", "studies_report", deps=[S.FRONTIER_PER_IMAGE, S.FRONTIER_LATENCY],
+          params=["distill.student_layers", "teacher.num_layers", "ablations.headline_seeds",
+                  {_STUDY_PARAMS: ["frontier"]}],
+          outs=[(S.STUDIES_REPORT, NOCACHE), (S.STUDIES_FIGURES, NOCACHE)],
+          metrics=[S.FRONTIER_SUMMARY]),
+]
+
 PLOTS = [
     {str(P.DVCLIVE / "vae/plots/metrics"): {"x": "step"}},
     {str(P.DVCLIVE / "backbone/plots/metrics"): {"x": "step"}},
@@ -209,7 +245,7 @@ def stage_dict(s: Stage, root: Path = ROOT) -> dict:
     d["cmd"] = f"python -m stages.{s.module}" + (f" {s.args}" if s.args else "")
     d["deps"] = [str(p) for p in s.deps] + import_closure(f"stages.{s.module}", root)
     if s.params:
-        d["params"] = list(dict.fromkeys(s.params))
+        d["params"] = [p for i, p in enumerate(s.params) if not isinstance(p, str) or p not in s.params[:i]]
     # Only the headline file is a DVC metric, so `dvc exp show` and `dvc metrics diff` stay readable; the
     # other small JSON files are outputs kept in git (cache: false) that the report reads.
     outs = [_entry(o) for o in s.outs] + [{str(m): NOCACHE} for m in s.metrics if m not in HEADLINE_METRICS]
@@ -225,23 +261,43 @@ def render(root: Path = ROOT) -> str:
     return HEADER + yaml.dump(doc, Dumper=_Dumper, sort_keys=False, width=120, default_flow_style=False)
 
 
+STUDIES_HEADER = HEADER.replace("# Small metric", "# Studies outside `make run` (`make studies`); wdir: .. (paths from the repository root);\n"
+                                "# ${...} come from studies/params.yaml, the file beside this one.\n# Small metric")
+
+
+def render_studies(root: Path = ROOT) -> str:
+    stages = {}
+    for s in STUDY_STAGES:
+        d = stage_dict(s, root)
+        head = {"matrix": d.pop("matrix")} if "matrix" in d else {}
+        stages[s.name] = {**head, "wdir": "..", **d}
+    return STUDIES_HEADER + yaml.dump({"stages": stages}, Dumper=_Dumper, sort_keys=False, width=120,
+                                      default_flow_style=False)
+
+
+def outputs(root: Path = ROOT) -> dict[Path, str]:
+    """Each generated file and its text."""
+    return {root / "dvc.yaml": render(root), root / S.STUDY_DVC: render_studies(root)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--check", action="store_true", help="exit 1 if dvc.yaml is not up to date")
+    ap.add_argument("--check", action="store_true", help="exit 1 if dvc.yaml or studies/dvc.yaml is not up to date")
     ap.add_argument("--root", default=str(ROOT))
     args = ap.parse_args(argv)
     root = Path(args.root)
-    text, target = render(root), root / "dvc.yaml"
-    if args.check:
-        if not target.exists() or target.read_text() != text:
-            print(f"{target}: out of date; run `python -m pipeline.dvcgen`", file=sys.stderr)
-            return 1
-        return 0
-    tmp = target.with_name(".tmp-dvc.yaml")
-    tmp.write_text(text)
-    tmp.replace(target)
-    print(f"wrote {target} ({len(STAGES)} stages)")
-    return 0
+    stale = 0
+    for target, text in outputs(root).items():
+        if args.check:
+            if not target.exists() or target.read_text() != text:
+                print(f"{target}: out of date; run `python -m pipeline.dvcgen`", file=sys.stderr)
+                stale = 1
+            continue
+        tmp = target.with_name(".tmp-dvc.yaml")
+        tmp.write_text(text)
+        tmp.replace(target)
+        print(f"wrote {target}")
+    return stale
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ from pipeline.orchestration.concurrent import (
     run_stage,
     run_stages,
 )
-from pipeline.orchestration.dag import Stage, dvc_stages, select_stages, stage_matches
+from pipeline.orchestration.dag import Stage, dvc_stages, product_stages, select_stages, stage_matches
 from pipeline.orchestration.parameters import apply_parameters, record_parameters
 from pipeline.orchestration.settings import TRAINING_STAGES, FlowSettings, ShardSpec, flow_settings
 from pipeline.orchestration.shards import (
@@ -114,7 +114,11 @@ def run_pipeline(workspace: str | Path = ".", targets: list[str] | None = None, 
     log = run_logger()
     record = apply_parameters(workspace, profile, overrides)
     settings = flow_settings(workspace)
-    stages = select_stages(dvc_stages(workspace), targets, upstream=upstream, missing_ok=missing_ok)
+    # No targets: the product pipeline (the root dvc.yaml); sub-pipelines such as studies/dvc.yaml run
+    # when targeted (their addresses are 'studies/dvc.yaml:NAME'), so `make run` keeps its time budget.
+    everything = dvc_stages(workspace)
+    stages = (select_stages(everything, targets, upstream=upstream, missing_ok=missing_ok) if targets
+              else product_stages(everything))
     if not stages:
         raise ValueError(f"no DVC stage selected by {targets!r} in {workspace}")
     record_parameters(record, [s.address for s in stages])

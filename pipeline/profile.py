@@ -22,7 +22,7 @@ from pipeline.paths import RUN_TIME
 
 ROOT = Path(__file__).resolve().parent.parent
 # What a workspace needs besides its params: code and pipeline definition, never outputs.
-WORKSPACE_FILES = ("pipeline", "stages", "configs", "dvc.yaml", "pyproject.toml", "prefect.yaml")
+WORKSPACE_FILES = ("pipeline", "stages", "configs", "dvc.yaml", "studies", "pyproject.toml", "prefect.yaml")
 DEFAULT = ("default", "params")   # names of the profile params.yaml itself holds
 EXTENDS = "extends"               # a profile's key naming the profile it is written over
 
@@ -161,6 +161,12 @@ def make_workspace(name: str, dest: Path, base: Path = ROOT / "params.yaml") -> 
         else:
             shutil.copy2(src, target)
     write_params(merged(name, base), dest / "params.yaml")
+    # studies/params.yaml (make studies): configs/studies/NAME.yaml deep-merged over it, when the profile has one
+    studies = ROOT / "studies" / "params.yaml"
+    override = ROOT / "configs" / "studies" / f"{name}.yaml"
+    if studies.exists() and override.exists():
+        write_params(deep_merge(yaml.safe_load(studies.read_text()) or {}, yaml.safe_load(override.read_text()) or {}),
+                     dest / "studies" / "params.yaml")
     # The profile's last measured stage times: the concurrent flow starts the longest paths first by them
     # (a workspace's own record, written by its runs, takes over).
     record = ROOT / "configs" / "run_time" / f"{name}.json"

@@ -52,6 +52,7 @@ class Runtime:
     sample_batch_size: int
     vae_slicing: bool
     vae_tiling: bool
+    condition: str = "inpaint"      # params ``condition``: the ControlNets' input (pipeline.models.condition)
 
     def place(self, model):
         """A frozen model onto the policy's device, in its dtype, in eval mode without grad."""
@@ -70,9 +71,10 @@ class Runtime:
         return pipe
 
     def load_controlnet(self, path: str | Path):
+        """A frozen ControlNet for the run's ``condition`` (its extra_conditioning_channels)."""
         from pipeline.models.world import load_controlnet
 
-        return load_controlnet(path, dtype=self.dtype, device=self.device)
+        return load_controlnet(path, dtype=self.dtype, device=self.device, condition=self.condition)
 
 
 def dtype_for(cfg: Config, device: torch.device) -> torch.dtype:
@@ -83,4 +85,4 @@ def runtime(cfg: Config) -> Runtime:
     r = cfg.runtime
     device = resolve_device(r.device)
     return Runtime(device, dtype_for(cfg, device), r.encode_batch_size, r.sample_batch_size, r.vae_slicing,
-                   r.vae_tiling)
+                   r.vae_tiling, cfg.condition)

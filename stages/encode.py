@@ -25,7 +25,7 @@ def main(argv=None) -> None:
     pipe = rt.load_foundation(paths.BACKBONE)
     df = joined(paths.TRIPLETS, paths.CAPTIONS)
     counts = encode_dataset(pipe, df, args.out, cfg.data.image_size, cfg.text.max_sequence_length, (i, n),
-                            batch=rt.encode_batch_size)
+                            batch=rt.encode_batch_size, condition=cfg.condition)
     if i == 0:
         # the rows of the whole dataset, as an unsharded run writes them (the union of the N shards holds
         # exactly these; validate_encoded checks it). One shard writes it, so parallel shards never race.

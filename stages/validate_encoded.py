@@ -13,7 +13,8 @@ def _args(ap):
 
 
 def main(argv=None) -> int:
-    return gate_main("encoded", _args, lambda a, cfg, g: encoded_gate(a.encoded, a.manifest, g, a.out_dir), argv)
+    return gate_main("encoded", _args, lambda a, cfg, g: encoded_gate(a.encoded, a.manifest, g, a.out_dir,
+                                                                   condition=cfg.condition), argv)
 
 
 if __name__ == "__main__":

@@ -94,3 +94,49 @@ def test_ablate_stage1_trains_full_stage1_once_per_headline_seed_for_the_runs_to
     for stage in ("ablate_headline", "ablate"):
         assert "checkpoints/ablations/stage1-s${item.seed}" in stages[stage]["deps"]
         assert names.index("ablate_stage1") < names.index(stage)
+
+
+# ------------------------------------------------------------------------------------ studies/dvc.yaml
+
+def _studies_yaml() -> dict:
+    return yaml.safe_load((REPO / "studies" / "dvc.yaml").read_text())
+
+
+def test_studies_dvc_yaml_is_generated_from_the_spec():
+    assert (REPO / "studies" / "dvc.yaml").read_text() == dvcgen.render_studies(), "run `python -m pipeline.dvcgen`"
+    assert set(dvcgen.outputs()) == {REPO / "dvc.yaml", REPO / "studies" / "dvc.yaml"}
+
+
+def test_study_stages_run_at_the_root_on_their_closure_and_studies_params():
+    doc = _studies_yaml()
+    assert set(doc["stages"]) == {"frontier", "frontier_latency", "studies_report"}
+    assert missing_code_deps(doc) == {}
+    for name, st in doc["stages"].items():
+        assert st["wdir"] == "..", name
+        assert {d for d in st["deps"] if d.endswith(".py")} == set(dvcgen.import_closure(st["cmd"].split()[2]))
+        for p in st.get("params", []):
+            if isinstance(p, dict):
+                assert list(p) == ["studies/params.yaml"], name
+            else:
+                assert _has_key(full(), p), (name, p)
+    fr = doc["stages"]["frontier"]
+    assert fr["cmd"] == "python -m stages.study_frontier ${item.depth} ${item.af} ${item.seed}"
+    assert set(fr["matrix"]) == {"depth", "af", "seed"}
+    studies_params = yaml.safe_load((REPO / "studies" / "params.yaml").read_text())
+    for v in fr["matrix"].values():
+        assert _has_key(studies_params, v.strip("${}"))
+
+
+def test_study_outputs_stay_out_of_the_main_pipeline_s_outputs_and_report_inputs():
+    def paths(st, *keys):
+        for k in keys:
+            for e in st.get(k, []):
+                yield next(iter(e)) if isinstance(e, dict) else e
+
+    main = _dvc_yaml()["stages"]
+    main_outs = {p for st in main.values() for p in paths(st, "outs", "metrics")}
+    report_deps = set(main["report"]["deps"])
+    for name, st in _studies_yaml()["stages"].items():
+        for out in paths(st, "outs", "metrics"):
+            for other in main_outs | report_deps:
+                assert not (out == other or out.startswith(other + "/") or other.startswith(out + "/")), (name, out, other)

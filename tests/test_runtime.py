@@ -129,12 +129,12 @@ def test_default_policy_changes_no_output(micro_world, workspace_factory):
 
     eager = []
 
-    def in_memory(encoded_dir, stage, prompt, trajectories=None):  # the old storage: the whole split as tensors
+    def in_memory(encoded_dir, stage, prompt, trajectories=None, condition="inpaint"):  # the old storage: the whole split as tensors
         from pipeline.training import TensorData
 
-        _, t = load_split(encoded_dir, trainer.SPLIT_OF[stage], trainer.shard_keys(prompt))
+        _, t = load_split(encoded_dir, trainer.SPLIT_OF[stage], trainer.shard_keys(prompt, condition=condition))
         eager.append(stage)
-        return TensorData(trainer.batch_from(t, prompt))
+        return TensorData(trainer.batch_from(t, prompt, condition))
 
     with pytest.MonkeyPatch.context() as mp, contextlib.chdir(ws):
         mp.setattr(trainer, "stage_data", in_memory)

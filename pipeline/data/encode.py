@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from pipeline.data.images import load_manifest, read_images, read_masks
 from pipeline.data.shards import write_shard_stream
+from pipeline.models import condition as conditions
 from pipeline.models import inpaint
 from pipeline.models.world import encode_prompts
 
@@ -37,23 +38,25 @@ def joined(triplets_dir: Path, captions_dir: Path) -> pd.DataFrame:
 
 
 @torch.no_grad()
-def encode_rows(pipe, df: pd.DataFrame, image_size: int, max_sequence_length: int) -> dict[str, torch.Tensor]:
+def encode_rows(pipe, df: pd.DataFrame, image_size: int, max_sequence_length: int,
+                condition: str = "inpaint") -> dict[str, torch.Tensor]:
     """Read the rows' PNGs and encode them with the pipe's VAE and text encoders (on the pipe's device;
-    the tensors come back there)."""
+    the tensors come back there). The control's tensors are ``condition``'s
+    (pipeline.models.condition.encode_for_shards)."""
     device = pipe.vae.device
     images = read_images(df["image"], image_size).to(device)
     masks = read_masks(df["mask"], image_size).to(device)
     latents = inpaint.encode(pipe.vae, images)
-    masked = inpaint.encode(pipe.vae, inpaint.masked_image(images, masks))
+    control = conditions.encode_for_shards(pipe.vae, images, masks, condition)
     pe, pp = encode_prompts(pipe, list(df["local_prompt"]), max_sequence_length, device)
     ge, gp = encode_prompts(pipe, list(df["global_prompt"]), max_sequence_length, device)
-    return {"latents": latents, "masked_latents": masked, "mask": inpaint.latent_mask(masks, latents.shape[-2:]),
+    return {"latents": latents, **control,
             "prompt_embeds": pe, "pooled_prompt_embeds": pp,
             "global_prompt_embeds": ge, "global_pooled_prompt_embeds": gp}
 
 
 def encode_dataset(pipe, df: pd.DataFrame, out: Path, image_size: int, max_sequence_length: int,
-                   shard: tuple[int, int] = (0, 1), batch: int = 256) -> dict[str, int]:
+                   shard: tuple[int, int] = (0, 1), batch: int = 256, condition: str = "inpaint") -> dict[str, int]:
     """Encode shard ``shard`` = (i, N) of every split, ``batch`` rows per model call (the stage passes
     runtime.encode_batch_size), each micro-batch written into the split's shard file as it comes."""
     index, count = shard
@@ -62,7 +65,7 @@ def encode_dataset(pipe, df: pd.DataFrame, out: Path, image_size: int, max_seque
         rows = shard_rows(part, index, count)
         if len(rows):
             chunks = ({k: v.cpu() for k, v in encode_rows(pipe, rows.iloc[i:i + batch], image_size,
-                                                            max_sequence_length).items()}
+                                                            max_sequence_length, condition).items()}
                       for i in tqdm(range(0, len(rows), batch), desc=f"encode {split}", leave=False))
             write_shard_stream(Path(out) / split, index, count, list(rows["id"]), chunks)
         counts[split] = len(rows)

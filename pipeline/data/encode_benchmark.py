@@ -57,7 +57,7 @@ def run_benchmark(cfg: Config, bcfg: EncodeBenchmarkConfig, *, foundation: Path,
     model.train()
 
     with stopwatch() as load:
-        cached = stage_data(encoded, stage, stage_cfg.prompt)
+        cached = stage_data(encoded, stage, stage_cfg.prompt, condition=cfg.condition)
     df = joined(triplets, captions) if rows is None else rows
     df = df[df["split"] == split].set_index("id").loc[cached.split.ids].reset_index()  # the shards' row order
     n = len(cached)
@@ -68,9 +68,10 @@ def run_benchmark(cfg: Config, bcfg: EncodeBenchmarkConfig, *, foundation: Path,
 
     def on_the_fly_batch(idx):
         with stopwatch(device) as t:
-            rows_t = encode_rows(pipe, df.iloc[idx.tolist()], cfg.data.image_size, cfg.text.max_sequence_length)
+            rows_t = encode_rows(pipe, df.iloc[idx.tolist()], cfg.data.image_size, cfg.text.max_sequence_length,
+                                 cfg.condition)
         encode_seconds.append(t.seconds)
-        return batch_from({k: v.to(device) for k, v in rows_t.items()}, stage_cfg.prompt)
+        return batch_from({k: v.to(device) for k, v in rows_t.items()}, stage_cfg.prompt, cfg.condition)
 
     def timed(make_batch, first_step: int, steps: int) -> float:
         """Seconds of ``steps`` training steps (pipeline.training.train_step, as Loop runs them)."""

@@ -43,7 +43,7 @@ def _child(args) -> None:
             id=[f"mem-{i:08d}" for i in range(args.rows)], split="labelled")
         rt = runtime(cfg)
         encode_dataset(rt.load_foundation(args.foundation), rows, work / "encoded", cfg.data.image_size,
-                       cfg.text.max_sequence_length, batch=rt.encode_batch_size)
+                       cfg.text.max_sequence_length, batch=rt.encode_batch_size, condition=cfg.condition)
     elif args.arm == "stage1":
         from pipeline.distill.trainer import distill
 

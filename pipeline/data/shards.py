@@ -1,7 +1,9 @@
 """Encoded shards: what training reads instead of running the VAE and text encoders per step.
 
 data/encoded/<split>/shard-<i>-of-<N>.safetensors holds, per row: ``latents`` (the image, 16 x h x w),
-``masked_latents`` (the image with its hole set to -1, encoded), ``mask`` (1 x h x w, 1 = hole),
+``masked_latents`` (the image with its hole set to -1, encoded), ``mask`` (1 x h x w, 1 = hole) under
+condition inpaint, or ``control_latents`` (the encoded edge map) under condition edges
+(pipeline.models.condition.shard_keys),
 ``prompt_embeds`` / ``pooled_prompt_embeds`` (the local prompt) and ``global_prompt_embeds`` /
 ``global_pooled_prompt_embeds``, exactly as the stock SD3 pipeline's encode_prompt computes them. Row ids
 are in the sibling ``.parquet`` of the same name. A split's rows are ordered by id across all its shards,
@@ -29,8 +31,17 @@ from safetensors import safe_open
 
 from pipeline.atomic import write_file
 
-TENSOR_KEYS = ("latents", "masked_latents", "mask", "prompt_embeds", "pooled_prompt_embeds",
-               "global_prompt_embeds", "global_pooled_prompt_embeds")
+
+
+def tensor_keys(condition: str = "inpaint") -> tuple[str, ...]:
+    """Every tensor a shard holds under ``condition`` (the control's keys: pipeline.models.condition)."""
+    from pipeline.models.condition import shard_keys
+
+    return ("latents", *shard_keys(condition), "prompt_embeds", "pooled_prompt_embeds",
+            "global_prompt_embeds", "global_pooled_prompt_embeds")
+
+
+TENSOR_KEYS = tensor_keys("inpaint")
 _ST_DTYPE = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
              torch.bool: "BOOL"}

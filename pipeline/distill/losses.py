@@ -2,7 +2,7 @@
 
 - L_task: SD3's weighted flow-matching MSE (pipeline.models.flow.flow_loss, as the backbone and teacher
   train) of the student-controlled backbone against the data target, each latent pixel weighted α inside
-  the hole and (1 - α) outside.
+  the hole and (1 - α) outside; uniformly 1 (plain MSE) under condition edges, which has no hole.
 - L_distill: MSE between the student- and teacher-controlled backbone outputs (same inputs).
 - L_af: Σ_j MSE(f^S_j, mean of the teacher layers that feed the same backbone blocks as j), the pairs
   given by pipeline.models.mapping.af_pairs. The paper writes ||2 f^S_j - (f^T_a + f^T_b)||², which is
@@ -37,7 +37,15 @@ def mask_weights(hole: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 def task_loss(pred, target, hole, alpha: float, weighting: torch.Tensor | None = None) -> torch.Tensor:
-    """The flow-matching loss with every latent pixel weighted by ``mask_weights(hole, alpha)``."""
+    """The flow-matching loss with every latent pixel weighted by ``mask_weights(hole, alpha)``.
+
+    ``hole=None`` (condition edges, pipeline.models.condition.loss_mask: no hole): every latent pixel weighs
+    1, so L_task is SD3's plain flow-matching MSE (flow_loss), the teacher's loss at its scale, and alpha
+    plays no part. Reading the hole as the whole image instead would weigh every pixel alpha and silently
+    scale lambda_task by alpha; uniform 1 is the ablations' wo_mask reduction (alpha 0.5 with twice the
+    task weight) written directly."""
+    if hole is None:
+        return flow_loss(pred, target, weighting)
     if hole.shape[0] != pred.shape[0] or hole.shape[-2:] != pred.shape[-2:]:
         raise ValueError(f"mask: shape {tuple(hole.shape)} does not match the latents {tuple(pred.shape)}")
     return flow_loss(pred, target, weighting, mask_weights(hole.float(), alpha))

@@ -19,7 +19,8 @@ from diffusers import SD3ControlNetModel
 from pipeline.config import Config, StageConfig
 from pipeline.data.shards import EncodedSplit
 from pipeline.distill.losses import af_loss, check_weights, distill_loss, task_loss
-from pipeline.models import flow, inpaint
+from pipeline.models import condition as conditions
+from pipeline.models import flow
 from pipeline.models.controlled import Controlled
 from pipeline.models.mapping import STUDENT_CONVENTION, TEACHER_CONVENTION, af_pairs, skipped_blocks, unused_layers
 from pipeline.models.student import controlnet_from_backbone
@@ -48,21 +49,25 @@ def compile_blocks(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def shard_keys(prompt: str, image: bool = True) -> tuple[str, ...]:
+def shard_keys(prompt: str, image: bool = True, condition: str = "inpaint") -> tuple[str, ...]:
     """The encoded-shard tensors a stage reads: local prompts are ``prompt_embeds``, global ``global_*``;
-    the image's latents only when the stage noises them (``image``)."""
+    the image's latents only when the stage noises them (``image``); the control's tensors of
+    ``condition`` (pipeline.models.condition.shard_keys)."""
     p = "" if prompt == "local" else "global_"
-    return (*(("latents",) if image else ()), "masked_latents", "mask", f"{p}prompt_embeds",
+    return (*(("latents",) if image else ()), *conditions.shard_keys(condition), f"{p}prompt_embeds",
             f"{p}pooled_prompt_embeds")
 
 
-def batch_from(t: dict[str, torch.Tensor], prompt: str) -> dict[str, torch.Tensor]:
+def batch_from(t: dict[str, torch.Tensor], prompt: str, condition: str = "inpaint") -> dict[str, torch.Tensor]:
     """Encoded-shard tensors (rows of them, or pipeline.data.encode output) -> what DistillLoss reads: the
-    control input as the stock inpainting pipeline builds it, and the stage's prompt embeddings."""
+    control input as the stock (inpainting or ControlNet) pipeline builds it, the latent loss mask when the
+    condition has one (``mask``: inpaint's hole; edges has none, so L_task weighs uniformly;
+    pipeline.models.condition.control_from_shards), and the stage's prompt embeddings."""
     p = "" if prompt == "local" else "global_"
+    control, hole = conditions.control_from_shards(t, condition)
     return {**{k: t[k] for k in ("latents", "noisy", "timestep") if k in t},
-            "control": inpaint.control_input(t["masked_latents"], t["mask"]),
-            "mask": t["mask"], "prompt_embeds": t[f"{p}prompt_embeds"],
+            "control": control, **({"mask": hole} if hole is not None else {}),
+            "prompt_embeds": t[f"{p}prompt_embeds"],
             "pooled_prompt_embeds": t[f"{p}pooled_prompt_embeds"]}
 
 
@@ -73,25 +78,27 @@ class StageData:
     image latents only to noise them; given ``trajectories`` (noisy: teacher) its items are the teacher's
     trajectory points instead, and no image latent is read."""
 
-    def __init__(self, encoded_dir: Path, stage: Stage, prompt: str, trajectories: Path | None = None):
+    def __init__(self, encoded_dir: Path, stage: Stage, prompt: str, trajectories: Path | None = None,
+                 condition: str = "inpaint"):
         from pipeline.distill.trajectories import TrajectoryData
 
-        self.prompt = prompt
-        split = EncodedSplit(encoded_dir, SPLIT_OF[stage], shard_keys(prompt, image=trajectories is None))
+        self.prompt, self.condition = prompt, condition
+        split = EncodedSplit(encoded_dir, SPLIT_OF[stage], shard_keys(prompt, trajectories is None, condition))
         self.split = split if trajectories is None else TrajectoryData(trajectories, split)
 
     def __len__(self) -> int:
         return len(self.split)
 
     def batch(self, idx) -> dict[str, torch.Tensor]:
-        return batch_from(self.split.gather(idx), self.prompt)
+        return batch_from(self.split.gather(idx), self.prompt, self.condition)
 
     def digest(self) -> str:
         return self.split.digest()
 
 
-def stage_data(encoded_dir: Path, stage: Stage, prompt: str, trajectories: Path | None = None) -> StageData:
-    return StageData(encoded_dir, stage, prompt, trajectories)
+def stage_data(encoded_dir: Path, stage: Stage, prompt: str, trajectories: Path | None = None,
+               condition: str = "inpaint") -> StageData:
+    return StageData(encoded_dir, stage, prompt, trajectories, condition)
 
 
 def place_frozen(cfg: Config, device, *models: torch.nn.Module) -> None:
@@ -125,13 +132,14 @@ def unlabelled_batch(batch: dict, train_sched, cfg: Config, gen) -> Inputs:
                   s.weighting)
 
 
-def labelled_batch(batch: dict, train_sched, cfg: Config, gen) -> tuple[Inputs, torch.Tensor, torch.Tensor]:
-    """Inputs plus the flow-matching target and the latent hole mask (for L_task)."""
+def labelled_batch(batch: dict, train_sched, cfg: Config, gen) -> tuple[Inputs, torch.Tensor, torch.Tensor | None]:
+    """Inputs plus the flow-matching target and the latent mask L_task weighs by
+    (pipeline.models.condition.loss_mask: the hole under inpaint, None = uniform under edges)."""
     x0 = batch["latents"]
     s = flow.add_noise(x0, train_sched, cfg.scheduler, gen)
     inputs = Inputs(s.noisy, s.timesteps, batch["prompt_embeds"], batch["pooled_prompt_embeds"], batch["control"],
                     s.weighting)
-    return inputs, flow.target(s, x0), batch["mask"]
+    return inputs, flow.target(s, x0), conditions.loss_mask(batch.get("mask"), cfg.condition)
 
 
 class DistillLoss:
@@ -197,7 +205,7 @@ def build_student(cfg: Config, backbone, init: Path | None) -> SD3ControlNetMode
     distill.mixed_precision decides the compute dtype)."""
     if init is None:
         torch.manual_seed(cfg.seed)
-        return controlnet_from_backbone(backbone, cfg.distill.student_layers).float()
+        return controlnet_from_backbone(backbone, cfg.distill.student_layers, cfg.condition).float()
     return SD3ControlNetModel.from_pretrained(init, torch_dtype=torch.float32)
 
 
@@ -238,9 +246,9 @@ def distill(cfg: Config, stage: Stage, *, foundation: Path, teacher: Path, encod
     empty = empty_prompt(pipe, cfg.text.max_sequence_length) if dropout else None
     pipe.text_encoder_3 = pipe.tokenizer_3 = None  # freed: training reads no more text
     backbone = pipe.transformer
-    teacher_model = load_controlnet(teacher, rt.dtype)
+    teacher_model = load_controlnet(teacher, rt.dtype, condition=cfg.condition)
     student, loss = student_and_loss(cfg, stage, backbone, teacher_model, init, empty)
-    data = stage_data(encoded, stage, stage_cfg.prompt, trajectories if from_teacher else None)
+    data = stage_data(encoded, stage, stage_cfg.prompt, trajectories if from_teacher else None, cfg.condition)
 
     def on_start(acc):  # the frozen models follow the student onto the accelerator's device (GPU)
         place_frozen(cfg, acc.device, backbone, teacher_model)
@@ -258,6 +266,7 @@ def distill(cfg: Config, stage: Stage, *, foundation: Path, teacher: Path, encod
                 # What the loss reads beyond the Loop's own settings; not the other stage's params, nor
                 # checkpoint cadence or gradient checkpointing, which change no result.
                 fingerprint=json.dumps({"scheduler": cfg.scheduler.model_dump(mode="json"), "alpha": cfg.distill.alpha,
+                                        **({"condition": cfg.condition} if cfg.condition != "inpaint" else {}),
                                         "stage": stage_cfg.model_dump(mode="json", exclude={"train"}),
                                         **({"prompt_dropout": cfg.distill.prompt_dropout} if dropout else {})}),
                 frozen={"backbone": backbone, **({"teacher": teacher_model} if loss.uses_teacher else {}),

@@ -75,7 +75,8 @@ def write_trajectories(cfg: Config, pipe, teacher, rows: pd.DataFrame, out: Path
                            seeds=[tc.seed + i + j for j in range(len(chunk))],
                            num_inference_steps=tc.num_inference_steps, guidance_scale=tc.guidance_scale,
                            conditioning_scale=tc.conditioning_scale,
-                           max_sequence_length=cfg.text.max_sequence_length, on_step=keep)
+                           max_sequence_length=cfg.text.max_sequence_length, on_step=keep,
+                           condition=cfg.condition)
             points = [p for j in range(len(chunk)) for p in kept[j]]
             yield {"noisy": torch.stack([x for x, _ in points]),
                    "timestep": torch.tensor([t for _, t in points], dtype=torch.float32)}

@@ -140,7 +140,7 @@ def run_benchmark(cfg: Config, foundation: Path, models: dict[str, Path], distil
     trained_depths = {int(n.config.num_layers) for k, n in nets.items() if k != TEACHER}
     for n in bc.extra_layers:
         if n not in trained_depths:
-            nets[f"layers_{n}"] = controlnet_from_backbone(backbone, n)
+            nets[f"layers_{n}"] = controlnet_from_backbone(backbone, n, cfg.condition)
     args = (x["noisy"], x["timesteps"], x["prompt_embeds"], x["pooled"])
 
     def backbone_step():

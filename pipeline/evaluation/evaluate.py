@@ -85,8 +85,9 @@ def evaluate_model(cfg: Config, pipe, name: str, controlnet: str | Path | None, 
                                   seeds=[ec.seed + i + k for k in range(len(rows))],
                                   num_inference_steps=ec.num_inference_steps, guidance_scale=ec.guidance_scale,
                                   conditioning_scale=ec.conditioning_scale,
-                                  max_sequence_length=cfg.text.max_sequence_length)
-            got = per_image(pred, images, inpaint.binarise(masks))
+                                  max_sequence_length=cfg.text.max_sequence_length, condition=cfg.condition)
+            # condition edges has no hole: its hole / unmasked columns are n/a (pipeline.evaluation.quality)
+            got = per_image(pred, images, inpaint.binarise(masks) if cfg.condition == "inpaint" else None)
             if ref_out is not None:
                 for rid, x in zip(rows["id"], pred):
                     to_png(x, ref_out / f"{rid}.png")

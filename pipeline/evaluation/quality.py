@@ -47,9 +47,18 @@ def ssim(pred: torch.Tensor, target: torch.Tensor, region: torch.Tensor | None =
     return _region_mean(smap, region)
 
 
-def per_image(pred: torch.Tensor, target: torch.Tensor, hole: torch.Tensor) -> dict[str, torch.Tensor]:
+HOLE_KEYS = ("psnr_masked", "ssim_masked", "psnr_unmasked", "ssim_unmasked")
+
+
+def per_image(pred: torch.Tensor, target: torch.Tensor, hole: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """Per-image PSNR/SSIM on the whole image, in the hole and outside it (NaN where an image has no
-    pixel outside the hole)."""
+    pixel outside the hole). ``hole=None`` (condition edges: there is no hole): the hole and outside
+    columns are not applicable, NaN for every image, so ``summarise`` reports them None (n/a), never the
+    whole image's values under their names."""
+    if hole is None:
+        out = {"psnr": psnr(pred, target), "ssim": ssim(pred, target)}
+        nan = torch.full_like(out["psnr"], float("nan"))
+        return {**out, **{k: nan.clone() for k in HOLE_KEYS}}
     keep = 1 - hole
     out = {"psnr": psnr(pred, target), "ssim": ssim(pred, target),
            "psnr_masked": psnr(pred, target, hole), "ssim_masked": ssim(pred, target, hole),

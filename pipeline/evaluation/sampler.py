@@ -7,7 +7,12 @@ against the stock pipeline for a student, where both rules agree.
 It runs where the models are (pipeline.runtime placed them) and in their dtype; images come back as
 float32 on the CPU. Each image has its own seed: its initial noise is what ``pipe(..., generator=[one
 torch.Generator per image])`` draws, so an image gets the same noise whatever batch it is sampled in, and
-two models evaluated on the same image start from the same noise (paired comparisons)."""
+two models evaluated on the same image start from the same noise (paired comparisons).
+
+``condition`` (pipeline.models.condition): inpaint (the default, above) or edges, where the control is the
+image's edge map prepared as StableDiffusion3ControlNetPipeline prepares ``control_image`` and the mask is
+not read (may be None); the denoising loop is the same. tests/evaluation/test_sampler.py checks edges
+against the stock StableDiffusion3ControlNetPipeline too."""
 
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import copy
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from pipeline.models import condition as conditions
 from pipeline.models import inpaint
 from pipeline.models.controlled import Controlled
 from pipeline.threads import follow as follow_threads
@@ -36,11 +42,14 @@ def inpaint_images(
     seeds: list[int],
     max_sequence_length: int,
     on_step=None,
+    condition: str = "inpaint",
 ) -> torch.Tensor:
     """One batch. ``controlnet=None`` samples with the backbone alone (the no-control baseline).
     Returns images in [-1, 1]. ``seeds``: one per image; its noise comes from
     ``torch.Generator().manual_seed(seed)`` as the stock pipeline draws it from a list of generators (on
     the CPU, then moved). ``on_step(i, t, latents)``: called with the latents before step i (trajectories)."""
+    if masks is None and conditions.check(condition) == "edges":
+        masks = torch.zeros_like(images[:, :1])  # shape checks only: edges reads no mask
     inpaint.check_pixels(images, masks)
     if len(prompts) != len(images) or len(seeds) != len(images):
         raise ValueError(f"{len(prompts)} prompts and {len(seeds)} seeds for {len(images)} images")
@@ -50,7 +59,7 @@ def inpaint_images(
     return _denoise(pipe, controlnet, convention, images, masks, list(prompts), noise,
                     num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                     conditioning_scale=conditioning_scale, max_sequence_length=max_sequence_length,
-                    on_step=on_step).float().cpu()
+                    on_step=on_step, condition=condition).float().cpu()
 
 
 def initial_noise(seeds: list[int], shape, device, dtype) -> torch.Tensor:
@@ -61,7 +70,7 @@ def initial_noise(seeds: list[int], shape, device, dtype) -> torch.Tensor:
 
 def _denoise(pipe, controlnet, convention, images, masks, prompts, latents, *, num_inference_steps: int,
              guidance_scale: float, conditioning_scale: float, max_sequence_length: int,
-             on_step=None) -> torch.Tensor:
+             on_step=None, condition: str = "inpaint") -> torch.Tensor:
     cfg = guidance_scale > 1
     embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
         prompt=prompts, prompt_2=None, prompt_3=None, do_classifier_free_guidance=cfg,
@@ -69,7 +78,7 @@ def _denoise(pipe, controlnet, convention, images, masks, prompts, latents, *, n
     )
     if cfg:
         embeds, pooled = torch.cat([neg, embeds]), torch.cat([neg_pooled, pooled])
-    control, _ = inpaint.prepare_control(pipe.vae, images, masks)
+    control, _ = conditions.prepare_control(pipe.vae, images, masks, condition)
     if cfg:
         control = torch.cat([control, control])
     scheduler = copy.deepcopy(pipe.scheduler)

@@ -137,10 +137,10 @@ def _run(cfg: Config, bcfg: StepBenchmarkConfig, foundation: Path, teacher: Path
     pipe = load_foundation(foundation, rt.dtype, with_t5=None if dropout else False)
     empty = empty_prompt(pipe, cfg.text.max_sequence_length) if dropout else None
     backbone = pipe.transformer
-    teacher_model = load_controlnet(teacher, rt.dtype)
+    teacher_model = load_controlnet(teacher, rt.dtype, condition=cfg.condition)
     place_frozen(cfg, device, backbone, teacher_model)
 
-    data = stage_data(encoded, STAGE, cfg.distill.stage1.prompt)
+    data = stage_data(encoded, STAGE, cfg.distill.stage1.prompt, condition=cfg.condition)
     idx = batch_indices(len(data), bcfg.batch_size, cfg.seed, 0)
     batch = {k: v.to(device) for k, v in data.batch(idx).items()}
 

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from pipeline.config import WORLD_SPLIT
 from pipeline.data.images import load_manifest, read_images, read_masks
+from pipeline.models import condition as conditions
 from pipeline.models import inpaint
 
 TRAIN_SPLITS = (WORLD_SPLIT,)
@@ -30,15 +31,21 @@ def pixels(df: pd.DataFrame, size: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def encode_in_batches(vae, images: torch.Tensor, masks: torch.Tensor | None = None, batch: int = 256,
-                      desc: str = "encode") -> dict[str, torch.Tensor]:
-    """VAE latents of the images and, given masks, of the masked images plus the latent hole mask."""
-    out: dict[str, list] = {"latents": [], "masked_latents": [], "hole": []}
+                      desc: str = "encode", condition: str | None = None) -> dict[str, torch.Tensor]:
+    """VAE latents of the images and, given masks, of the masked images plus the latent hole mask. Given a
+    ``condition``, also ``control``: the ControlNet input pipeline.models.condition.prepare_control makes
+    (inpaint: from the masked latents and hole above, edges: the encoded edge map)."""
+    out: dict[str, list] = {"latents": [], "masked_latents": [], "hole": [], "control": []}
     for i in tqdm(range(0, len(images), batch), desc=desc, leave=False):
         img = images[i:i + batch]
         out["latents"].append(inpaint.encode(vae, img))
-        if masks is not None:
-            m = masks[i:i + batch]
-            ml = inpaint.encode(vae, inpaint.masked_image(img, m))
-            out["masked_latents"].append(ml)
-            out["hole"].append(inpaint.latent_mask(m, ml.shape[-2:]))
+        m = None if masks is None else masks[i:i + batch]
+        if condition is not None and conditions.check(condition) == "edges":
+            out["control"].append(conditions.prepare_control(vae, img, m, condition)[0])
+        elif m is not None:
+            control, hole = conditions.prepare_control(vae, img, m, "inpaint")
+            out["masked_latents"].append(control[:, :-1])
+            out["hole"].append(hole)
+            if condition is not None:
+                out["control"].append(control)
     return {k: torch.cat(v) for k, v in out.items() if v}

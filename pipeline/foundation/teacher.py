@@ -1,5 +1,7 @@
-"""Train the 23-layer SD3 inpainting ControlNet (the teacher) on the frozen backbone, with the stock
-pipeline's control input and the 1:1 layer-to-block mapping the alimama teacher was trained with."""
+"""Train the 23-layer SD3 ControlNet (the teacher) on the frozen backbone, with the stock pipeline's
+control input for params ``condition`` (pipeline.models.condition.prepare_control: inpaint's masked image
++ mask, or edges' edge map) and the 1:1 layer-to-block mapping the alimama teacher was trained with. The
+teacher's loss is SD3's plain flow-matching MSE under either condition."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ import torch
 
 from pipeline.config import Config
 from pipeline.foundation.data import TRAIN_SPLITS, encode_in_batches, pixels, scenes
-from pipeline.models import flow, inpaint
+from pipeline.models import condition as conditions
+from pipeline.models import flow
 from pipeline.models.controlled import Controlled
 from pipeline.models.mapping import TEACHER_CONVENTION
 from pipeline.models.student import controlnet_from_backbone
@@ -23,14 +26,14 @@ def train_teacher(cfg: Config, scenes_dir: Path, foundation_dir: Path, out: Path
     pipe = load_foundation(foundation_dir)
     df = scenes(scenes_dir, TRAIN_SPLITS)
     images, masks = pixels(df, cfg.data.image_size)
-    enc = encode_in_batches(pipe.vae, images, masks)
+    enc = encode_in_batches(pipe.vae, images, masks, condition=cfg.condition)
     embeds, pooled = encode_prompts(pipe, list(df["local_prompt"]), cfg.text.max_sequence_length)
     e0, p0 = encode_prompts(pipe, [""], cfg.text.max_sequence_length)
     empty = {"prompt_embeds": e0[0], "pooled_prompt_embeds": p0[0]}
-    data = {"latents": enc["latents"], "control": inpaint.control_input(enc["masked_latents"], enc["hole"]),
+    data = {"latents": enc["latents"], "control": enc["control"],
             "prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
     torch.manual_seed(cfg.seed)
-    teacher = controlnet_from_backbone(pipe.transformer, cfg.teacher.num_layers)
+    teacher = controlnet_from_backbone(pipe.transformer, cfg.teacher.num_layers, cfg.condition)
     ctrl = Controlled(pipe.transformer, teacher, TEACHER_CONVENTION)
     train_sched = flow.training_scheduler(cfg.scheduler)
 

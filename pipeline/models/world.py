@@ -25,9 +25,9 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
 from pipeline.config import Config
+from pipeline.models.condition import extra_conditioning_channels
 
 LATENT_CHANNELS = 16  # SD3's; the tiny VAE is built with it, the rest reads it from the VAE's config
-EXTRA_CONDITIONING_CHANNELS = 1  # an inpainting ControlNet's control input: the latents + 1 mask channel
 
 
 def build_vae(cfg: Config) -> AutoencoderKL:
@@ -215,16 +215,16 @@ def load_foundation(path, dtype: torch.dtype | str = torch.float32, with_t5: boo
 
 
 def load_controlnet(path, dtype: torch.dtype | str = torch.float32, *,
-                    device: torch.device | str | None = None) -> SD3ControlNetModel:
+                    device: torch.device | str | None = None, condition: str = "inpaint") -> SD3ControlNetModel:
     """A frozen ControlNet (teacher or student) from its folder, in ``dtype`` on ``device``.
 
-    ``extra_conditioning_channels=1`` (the control input's mask channel) is passed explicitly, as diffusers'
-    documentation loads the alimama teacher: every ControlNet here is an inpainting one, whatever its
-    config.json says or omits. That the weights agree is checked before (pretrained.check_teacher reads
+    ``extra_conditioning_channels`` is passed explicitly from ``condition`` (pipeline.models.condition): 1
+    (the inpainting control input's mask channel), as diffusers' documentation loads the alimama teacher,
+    or 0 (edges), whatever the folder's config.json says or omits. That the weights agree is checked before (pretrained.check_teacher reads
     pos_embed_input's 16 + 1 input channels from the safetensors header); a mismatch fails to load."""
     if not (Path(path) / "config.json").exists():
         raise FileNotFoundError(f"no ControlNet at {path} (config.json missing)")
     cn = SD3ControlNetModel.from_pretrained(path, dtype=_dtype(dtype), use_safetensors=True,
-                                            extra_conditioning_channels=EXTRA_CONDITIONING_CHANNELS)
+                                            extra_conditioning_channels=extra_conditioning_channels(condition))
     cn = cn.eval().requires_grad_(False)
     return cn if device is None else cn.to(device)

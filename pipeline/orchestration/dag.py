@@ -51,6 +51,12 @@ def dvc_stages(workspace: str | Path = ".") -> list[Stage]:
     return [stages[a] for a in order]
 
 
+def product_stages(stages: list[Stage]) -> list[Stage]:
+    """The stages of the root dvc.yaml: what a flow runs without targets. Stages of other dvc.yaml files
+    (studies/dvc.yaml: addresses ``studies/dvc.yaml:NAME``) run when targeted."""
+    return [s for s in stages if ":" not in s.address]
+
+
 def stage_matches(stage: Stage, pattern: str) -> bool:
     stem = stage.name.split("@", 1)[0]
     return any(fnmatch.fnmatchcase(x, pattern) for x in {stage.address, stage.name, stem})

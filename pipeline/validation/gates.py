@@ -13,7 +13,7 @@ from pipeline import paths
 from pipeline.config import GatesConfig
 
 from pipeline.data.images import image_bytes, image_exists, load_manifest
-from pipeline.data.shards import TENSOR_KEYS
+from pipeline.data.shards import tensor_keys
 from pipeline.config import SPLITS
 from pipeline.validation.gx import Check, run_gate
 
@@ -114,14 +114,17 @@ def captions_gate(captions: str | Path, manifest: str | Path, cfg: GatesConfig,
 
 
 def _check_shapes(t: dict, latent_channels: int) -> list[str]:
+    """Shapes of one shard's tensors (the control's: masked_latents + mask under inpaint, control_latents
+    under edges, pipeline.models.condition.shard_keys; the latents' shape for both)."""
     n = t["latents"].shape[0]
     lat = tuple(t["latents"].shape)
     problems = []
     if len(lat) != 4 or lat[1] != latent_channels:
         problems.append(f"latents {lat} not (N,{latent_channels},h,w)")
-    if tuple(t["masked_latents"].shape) != lat:
-        problems.append(f"masked_latents {tuple(t['masked_latents'].shape)} != latents {lat}")
-    if len(lat) == 4 and tuple(t["mask"].shape) != (n, 1, *lat[2:]):
+    for k in ("masked_latents", "control_latents"):
+        if k in t and tuple(t[k].shape) != lat:
+            problems.append(f"{k} {tuple(t[k].shape)} != latents {lat}")
+    if len(lat) == 4 and "mask" in t and tuple(t["mask"].shape) != (n, 1, *lat[2:]):
         problems.append(f"mask {tuple(t['mask'].shape)} not (N,1,h,w) = {(n, 1, *lat[2:])}")
     for p in ("", "global_"):
         e, pooled = t[f"{p}prompt_embeds"], t[f"{p}pooled_prompt_embeds"]
@@ -136,12 +139,13 @@ def _check_shapes(t: dict, latent_channels: int) -> list[str]:
     return problems
 
 
-def inspect_shards(encoded: str | Path, manifest: pd.DataFrame, latent_channels: int):
+def inspect_shards(encoded: str | Path, manifest: pd.DataFrame, latent_channels: int, condition: str = "inpaint"):
     """Per-shard and per-split check frames for the encoded data, in the format of pipeline.data.shards:
     <split>/shard-XXXXX-of-YYYYY.safetensors with the row ids in the sibling .parquet of the same name.
     Every split of the manifest is expected; a split folder the manifest lacks fails too."""
     from safetensors import safe_open
 
+    keys = tensor_keys(condition)
     encoded = Path(encoded)
     if not encoded.is_dir():
         raise FileNotFoundError(f"{encoded}: no encoded data (run the encode stage)")
@@ -167,13 +171,13 @@ def inspect_shards(encoded: str | Path, manifest: pd.DataFrame, latent_channels:
             ids += shard_ids
             try:
                 with safe_open(str(shard), "pt") as f:
-                    t = {k: f.get_tensor(k) for k in TENSOR_KEYS if k in f.keys()}
+                    t = {k: f.get_tensor(k) for k in keys if k in f.keys()}
             except Exception as exc:  # noqa: BLE001
                 row.update(all_finite=False, shapes_ok=False, ids_match_rows=False,
                            detail="; ".join(problems + [f"unreadable: {exc}"]))
                 shard_rows.append(row)
                 continue
-            missing = [k for k in TENSOR_KEYS if k not in t]
+            missing = [k for k in keys if k not in t]
             if missing:
                 row.update(shapes_ok=False, ids_match_rows=False)
                 problems.append(f"missing tensors {missing}")
@@ -208,8 +212,10 @@ def latent_channels(foundation: str | Path) -> int:
 
 
 def encoded_gate(encoded: str | Path, manifest: str | Path, cfg: GatesConfig,
-                 out_dir: str | Path = paths.GATES, foundation: str | Path = paths.BACKBONE) -> dict:
-    shards, splits = inspect_shards(encoded, load_manifest(manifest, resolve=False), latent_channels(foundation))
+                 out_dir: str | Path = paths.GATES, foundation: str | Path = paths.BACKBONE,
+                 condition: str = "inpaint") -> dict:
+    shards, splits = inspect_shards(encoded, load_manifest(manifest, resolve=False), latent_channels(foundation),
+                                    condition)
     checks = [
         Check("shards", "ExpectTableRowCountToBeBetween", {"min_value": 1}, "at least one shard"),
         Check("shards", "ExpectColumnValuesToBeInSet", {"column": "all_finite", "value_set": [True]}, "finite values"),

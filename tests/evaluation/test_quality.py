@@ -99,3 +99,19 @@ def test_cmmd_is_computed_with_local_clip_weights(tmp_path):
     values, reasons = optional_metrics(ec, a, a.flip(0))
     assert "cmmd" not in reasons and values["cmmd"] == pytest.approx(0.0, abs=1e-6)  # same set of images
     assert optional_metrics(ec, -a, a)[0]["cmmd"] > 0
+
+
+def test_per_image_without_a_hole_reports_the_hole_metrics_not_applicable():
+    """Condition edges has no hole: whole-image PSNR/SSIM as with one, the hole / unmasked columns NaN for
+    every image, so summarise reports them None (n/a), never the whole image's values under their names."""
+    from pipeline.evaluation.quality import HOLE_KEYS, per_image, summarise
+
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.rand(2, 3, 16, 16, generator=g) * 2 - 1, torch.rand(2, 3, 16, 16, generator=g) * 2 - 1
+    hole = torch.zeros(2, 1, 16, 16)
+    hole[..., 4:8, 4:8] = 1
+    got, ref = per_image(pred, target, None), per_image(pred, target, hole)
+    assert torch.equal(got["psnr"], ref["psnr"]) and torch.equal(got["ssim"], ref["ssim"])
+    assert all(torch.isnan(got[k]).all() for k in HOLE_KEYS)
+    s = summarise(got)
+    assert s["psnr"] is not None and all(s[k] is None for k in HOLE_KEYS)

@@ -143,6 +143,19 @@ def test_matrix_stages_selected_by_stem(tmp_path):
     assert [s.address for s in select_stages(stages, ["ablate"], upstream=False)][:1] == ["ablate@full-0"]
 
 
+def test_without_targets_only_the_root_pipeline_runs(tmp_path):
+    from pipeline.orchestration.dag import product_stages
+    root = _make_project(tmp_path / "sub")
+    (root / "studies").mkdir()
+    (root / "studies" / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"study": {
+        "cmd": "python -c \"print(1)\"", "wdir": "..", "deps": ["metrics/train.json"]}}}))
+    stages = dvc_stages(root)
+    assert "studies/dvc.yaml:study" in [s.address for s in stages]
+    assert [s.address for s in product_stages(stages)] == ["prepare", "train", "validate_data", "report"]
+    assert [s.address for s in select_stages(stages, ["studies/dvc.yaml:*"], upstream=False)] == \
+        ["studies/dvc.yaml:study"]
+
+
 def test_helpers(tmp_path):
     assert artifact_key("gate", "Validate_Triplets.v2") == "gate-validate-triplets-v2"
     cmd = accelerate_command("python -m stages.stage1 --x 1", "configs/accelerate/multi_gpu.yaml")

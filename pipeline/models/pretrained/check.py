@@ -149,15 +149,21 @@ def check_foundation(r: Resolved, cfg: Config, require_t5: bool = True) -> dict:
 
 
 def check_teacher(r: Resolved, cfg: Config, backbone: dict) -> dict:
-    """Check the inpainting ControlNet folder against the params and the backbone's config."""
+    """Check the teacher ControlNet folder against the params (its input channels: ``condition``,
+    pipeline.models.condition.extra_conditioning_channels) and the backbone's config."""
+    from pipeline.models.condition import extra_conditioning_channels
+
+    extra = extra_conditioning_channels(cfg.condition)
     t = _json(r, "config.json")
     c = _Checker(r, "config.json", t)
     c.eq("_class_name", "SD3ControlNetModel")
     c.eq("num_layers", cfg.teacher.num_layers, "teacher.num_layers")
-    # Loaded with extra_conditioning_channels=1 passed explicitly (world.load_controlnet), as diffusers loads
-    # the alimama teacher; a config that omits the key is fine, the weight shapes below decide.
+    # Loaded with extra_conditioning_channels passed explicitly from the condition (world.load_controlnet:
+    # 1 under inpaint, as diffusers loads the alimama teacher; 0 under edges); a config that omits the key is
+    # fine, the weight shapes below decide.
     if "extra_conditioning_channels" in t:
-        c.eq("extra_conditioning_channels", 1, "the inpainting mask channel")
+        c.eq("extra_conditioning_channels", extra,
+             "the inpainting mask channel" if extra else "condition edges: no mask channel")
     for k in SHARED_KEYS:
         if k in t or k in backbone:
             c.eq(k, backbone.get(k), f"must match the backbone's transformer/config.json")
@@ -171,8 +177,9 @@ def check_teacher(r: Resolved, cfg: Config, backbone: dict) -> dict:
     _expect_shape(r, "", shapes, f"controlnet_blocks.{n - 1}.weight", [inner, inner], f"{n} control projections")
     if f"controlnet_blocks.{n}.weight" in shapes:
         raise ModelError(f"{r.describe()}: weights hold more than num_layers={n} control projections")
-    _expect_shape(r, "", shapes, "pos_embed_input.proj.weight", [inner, t["in_channels"] + 1, p, p],
-                  f"control input: {t['in_channels']} latent channels + 1 mask channel")
+    _expect_shape(r, "", shapes, "pos_embed_input.proj.weight", [inner, t["in_channels"] + extra, p, p],
+                  f"control input: {t['in_channels']} latent channels + {extra} mask channel"
+                  f" (condition {cfg.condition})")
     return t
 
 
@@ -228,4 +235,5 @@ def load_world(cfg: Config, dtype: str | None = None, with_t5: bool | None = Non
 
     world = preflight(cfg, captioner=False)
     dtype = dtype or cfg.world.dtype
-    return load_foundation(world.foundation.path, dtype, with_t5), load_controlnet(world.teacher.path, dtype)
+    return (load_foundation(world.foundation.path, dtype, with_t5),
+            load_controlnet(world.teacher.path, dtype, condition=cfg.condition))
