@@ -191,6 +191,8 @@ STAGES = [
 # the folders the main report reads (metrics/ablations, metrics/per_image)
 _FRONTIER_RUN = "d${item.depth}-af_${item.af}-s${item.seed}"   # pipeline.studies.frontier.run_name
 _STUDY_PARAMS = str(S.STUDY_PARAMS)
+_EDGES_STUDENT = "student-s${item.seed}"                       # pipeline.studies.edges.student_name
+_EDGES_CHECK = ["teacher.num_layers", "ablations.headline_seeds", "distill.stage2.noisy"]
 
 STUDY_STAGES = [
     # run_ablation's deps and params (a variant of the Config at the headline budget); the run is named by
@@ -206,6 +208,53 @@ STUDY_STAGES = [
           params=["text.max_sequence_length", *_RUNTIME, *_VAE_RUNTIME, "benchmark", "teacher.num_layers",
                   "ablations.headline_seeds", {_STUDY_PARAMS: ["frontier.depths"]}],
           metrics=[S.FRONTIER_LATENCY]),
+    # prompt quality: each level's unlabelled prompts embedded once, full's stage 1 once per seed, then
+    # stage 2 per level x seed (pipeline/studies/prompt_quality.py)
+    Stage("prompt_encode", "study_prompt_encode", args="${item.level}", matrix={"level": "${prompt_quality.levels}"},
+          deps=[P.ENCODED, P.CAPTIONS, P.BACKBONE],
+          params=["text.max_sequence_length", "caption.noise_seed", "distill.stage2.prompt", "distill.stage2.noisy",
+                  *_RUNTIME, "runtime.encode_batch_size"],
+          outs=[S.PROMPT_ENCODED / "${item.level}"], metrics=[S.PROMPT_RUNS / "encode-${item.level}.json"]),
+    Stage("prompt_stage1", "study_prompt_stage1", args="${item.seed}", matrix={"seed": "${prompt_quality.seeds}"},
+          deps=[*_STAGE1_DATA, _ABLATION_STAGE1, P.CHECKPOINTS / "distill_stage1"],
+          params=[*(p for p in _DISTILL_COMMON if p != "seed"), *_RUNTIME, "distill.stage1", "ablations.variants.full"],
+          outs=[S.PROMPT_STAGE1 / "s${item.seed}"]),
+    Stage("prompt_quality", "study_prompt", args="${item.level} ${item.seed}",
+          matrix={"level": "${prompt_quality.levels}", "seed": "${prompt_quality.seeds}"},
+          deps=[S.PROMPT_ENCODED / "${item.level}", S.PROMPT_STAGE1 / "s${item.seed}", P.TRIPLETS, P.CAPTIONS,
+                P.BACKBONE, P.TEACHER, P.TEACHER_PASSED, P.EVAL_REFERENCE],
+          params=["scheduler", "distill", "text.max_sequence_length", "caption.noise_seed", *_SAMPLING,
+                  "ablations.variants.full"],
+          outs=[S.PROMPT_MODELS / "${item.level}-s${item.seed}"],
+          metrics=[S.PROMPT_RUNS / "${item.level}-s${item.seed}.json", S.PROMPT_RUNS / "${item.level}-s${item.seed}-loss.csv",
+                   S.PROMPT_PER_IMAGE / "${item.level}-s${item.seed}.csv"]),
+    # edges (pipeline/studies/edges.py): the method under condition edges, from its own teacher to students at
+    # edges.seeds; reads none of the inpainting pipeline's encoded data, trajectories, teacher or students.
+    # Every stage validates studies/params.yaml (pipeline.studies.config.check: teacher.num_layers,
+    # ablations.headline_seeds) and pipeline.studies.edges._check (distill.stage2.noisy: image)
+    Stage("edges_teacher", "study_edges_teacher", deps=[P.SCENES, P.BACKBONE],
+          params=[*_WORLD, *_CONDITION, "runtime.cpu_dtype", "text.max_sequence_length", "scheduler", "teacher.num_layers",
+                  "teacher.prompt_dropout", "teacher.train", *_EDGES_CHECK],
+          outs=[S.EDGES_TEACHER, (S.EDGES_CHECKPOINTS / "teacher", PERSIST),
+                (P.DVCLIVE / "studies" / "edges_teacher", PERSIST)],  # stages/study_edges_teacher.LIVE
+          metrics=[S.EDGES_METRICS / "teacher_train.json"]),
+    # the splits distillation reads; after the gates, as the main encode
+    Stage("edges_encode", "study_edges_encode", deps=[P.TRIPLETS, P.CAPTIONS, P.BACKBONE, P.GATES / "triplets.json",
+                                                      P.GATES / "captions.json"],
+          params=["data.image_size", "text.max_sequence_length", *_RUNTIME, *_VAE_RUNTIME, "runtime.encode_batch_size",
+                  *_EDGES_CHECK],
+          outs=[S.EDGES_ENCODED]),
+    Stage("edges_evaluate", "study_edges_evaluate", deps=[P.TRIPLETS, P.CAPTIONS, P.BACKBONE, S.EDGES_TEACHER],
+          params=[*_SAMPLING, *_EDGES_CHECK], outs=[S.EDGES_REFERENCE],
+          metrics=[p for m in ("teacher", "backbone_only")
+                   for p in (S.EDGES_METRICS / f"{m}.json", S.EDGES_PER_IMAGE / f"{m}.csv")]),
+    # run_ablation at the headline budget (all of distill); the seed is the run's (its cmd), not params'
+    Stage("edges_student", "study_edges_student", args="${item.seed}", matrix={"seed": "${edges.seeds}"},
+          deps=[P.TRIPLETS, P.CAPTIONS, P.BACKBONE, S.EDGES_TEACHER, S.EDGES_ENCODED, S.EDGES_REFERENCE],
+          params=["scheduler", "distill", "text.max_sequence_length", *_SAMPLING, "teacher.num_layers",
+                  "ablations.headline_seeds"],
+          outs=[S.EDGES_MODELS / _EDGES_STUDENT],
+          metrics=[S.EDGES_METRICS / f"{_EDGES_STUDENT}.json", S.EDGES_PER_IMAGE / f"{_EDGES_STUDENT}.csv"]),
     Stage("studies_report", "studies_report", deps=[S.FRONTIER_PER_IMAGE, S.FRONTIER_LATENCY],
           params=["distill.student_layers", "teacher.num_layers", "ablations.headline_seeds",
                   {_STUDY_PARAMS: ["frontier"]}],
