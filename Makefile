@@ -11,6 +11,7 @@ SMOKE  ?= .smoke
 SMOKE_SD3 ?= .smoke-sd3
 JOBS   ?=
 WALL_TIME ?= reports/run_time.json
+STUDIES_WALL_TIME ?= reports/studies_run_time.json
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export GX_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
@@ -36,8 +37,8 @@ run: install              ## the default profile: the whole DAG, independent sta
 run-sequential: install   ## the same, one stage at a time (plain dvc repro)
 	dvc repro
 
-studies: install          ## the studies outside make run's budget (studies/dvc.yaml: the compression frontier)
-	dvc repro studies/dvc.yaml
+studies: install          ## the studies outside make run (studies/dvc.yaml: frontier, prompt quality, edges), side by side
+	$(PY) -m pipeline.flows run full --target 'studies/dvc.yaml:*' $(if $(JOBS),--jobs $(JOBS)) --wall-time $(STUDIES_WALL_TIME)
 
 smoke: install            ## the whole DAG on the smoke profile, in $(SMOKE)/ (default outputs untouched)
 	$(PY) -m pipeline.profile workspace smoke $(SMOKE)

@@ -255,11 +255,15 @@ STUDY_STAGES = [
                   "ablations.headline_seeds"],
           outs=[S.EDGES_MODELS / _EDGES_STUDENT],
           metrics=[S.EDGES_METRICS / f"{_EDGES_STUDENT}.json", S.EDGES_PER_IMAGE / f"{_EDGES_STUDENT}.csv"]),
-    Stage("studies_report", "studies_report", deps=[S.FRONTIER_PER_IMAGE, S.FRONTIER_LATENCY],
-          params=["distill.student_layers", "teacher.num_layers", "ablations.headline_seeds",
-                  {_STUDY_PARAMS: ["frontier"]}],
+    # edges beside inpainting: the main pipeline's teacher, backbone-alone and full-s<seed> per-image tables
+    Stage("studies_report", "studies_report",
+          deps=[S.FRONTIER_PER_IMAGE, S.FRONTIER_LATENCY, S.PROMPT_RUNS, S.PROMPT_PER_IMAGE, S.EDGES_PER_IMAGE,
+                P.PER_IMAGE / "teacher.csv", P.PER_IMAGE / "backbone_only.csv", P.PER_IMAGE / "ablations"],
+          params=["distill.student_layers", "distill.alpha", "distill.stage1.loss", "distill.stage2.loss",
+                  "teacher.num_layers", "ablations.headline_seeds",
+                  {_STUDY_PARAMS: ["frontier", "prompt_quality", "edges"]}],
           outs=[(S.STUDIES_REPORT, NOCACHE), (S.STUDIES_FIGURES, NOCACHE)],
-          metrics=[S.FRONTIER_SUMMARY]),
+          metrics=[S.FRONTIER_SUMMARY, S.PROMPT_SUMMARY, S.EDGES_SUMMARY]),
 ]
 
 PLOTS = [

@@ -131,3 +131,36 @@ def test_smoke_workspace_gets_the_studies_pipeline_with_smoke_values(tmp_path):
     assert (ws / "studies" / "dvc.yaml").read_text() == (REPO / "studies" / "dvc.yaml").read_text()
     f = sc.load(config(), ws / "studies" / "params.yaml").frontier
     assert f.depths == [12, 6] and f.seeds == [0] and f.feature_alignment == [True, False]
+
+
+def test_frontier_answer_states_the_knee_and_where_l_af_pays(tmp_path):
+    from pipeline.studies.report import frontier_answer
+
+    depths, seeds = [15, 12, 10, 8, 6, 4], [0, 1, 2]
+    _write_tables(tmp_path, depths, seeds, {15: -0.1, 12: 0.0, 10: 0.0, 8: 0.01, 6: 1.0, 4: 2.5})
+    s = F.aggregate(tmp_path, depths, seeds, [True, False], 12, _latency(depths))
+    text = frontier_answer(s)
+    k = s["knee"]["af"]["depth"]
+    assert f"the knee is **{k} layers**" in text and "6 layers -1.0" in text
+    assert "L_af (paired, same seeds) helps significantly at depths" in text and "teacher's" in text
+
+
+def test_studies_report_builds_every_section_from_what_exists(tmp_path, monkeypatch):
+    """Only the frontier's tables exist: its section and answer are written, the prompt-quality section says
+    nothing finished, the edges section shows '-' without failing; the three summaries are written."""
+    from pipeline import paths as P
+    from pipeline.studies.report import build
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / S.FRONTIER_PER_IMAGE).mkdir(parents=True)
+    _write_tables(tmp_path / S.FRONTIER_PER_IMAGE, [12, 6], [0], {12: 0.0, 6: 1.0})
+    cfg = config()
+    studies = sc.from_dict({"frontier": {"depths": [12, 6], "seeds": [0], "feature_alignment": [True, False]},
+                            "prompt_quality": {"levels": ["noise0", "empty"], "seeds": [0]},
+                            "edges": {"seeds": [0]}}, cfg)
+    md = build(cfg, studies)
+    assert "## Compression frontier" in md and "**Answer.**" in md
+    assert "No run of this study has finished" in md and "## Edges condition" in md
+    for f in (S.FRONTIER_SUMMARY, S.PROMPT_SUMMARY, S.EDGES_SUMMARY):
+        assert (tmp_path / f).exists(), f
+    assert (tmp_path / S.STUDIES_FIGURES / "frontier_depth.png").exists() and not (tmp_path / P.PER_IMAGE).exists()

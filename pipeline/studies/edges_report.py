@@ -189,7 +189,7 @@ def markdown(summary: dict) -> str:
                 f"conditions: task {L['task']['stage1']} / {L['task']['stage2']}, distill "
                 f"{L['distill']['stage1']} / {L['distill']['stage2']}, af {L['af']['stage1']} / "
                 f"{L['af']['stage2']} (stage 1 / stage 2).", ""]
-    out.append(findings(summary))
+    out.append("**Answer.** " + findings(summary))
     return "\n".join(out) + "\n"
 
 
