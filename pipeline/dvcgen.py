@@ -24,6 +24,7 @@ import yaml
 
 from pipeline import paths as P
 from pipeline import studies as S
+from pipeline.studies.report import HEADLINE as STUDIES_HEADLINE
 from pipeline.closure import PROJECT_PACKAGES, import_closure  # noqa: F401 - dvcgen.import_closure
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +47,7 @@ _Dumper.add_representer(_Flow, lambda d, data: d.represent_mapping("tag:yaml.org
 
 NOCACHE = _Flow(cache=False)
 PERSIST = _Flow(persist=True, cache=False)
-HEADLINE_METRICS = (P.HEADLINE_METRICS,)
+HEADLINE_METRICS = (P.HEADLINE_METRICS, STUDIES_HEADLINE)  # the only DVC metrics files (main, studies)
 
 
 @dataclass
@@ -263,7 +264,7 @@ STUDY_STAGES = [
                   "teacher.num_layers", "ablations.headline_seeds",
                   {_STUDY_PARAMS: ["frontier", "prompt_quality", "edges"]}],
           outs=[(S.STUDIES_REPORT, NOCACHE), (S.STUDIES_FIGURES, NOCACHE)],
-          metrics=[S.FRONTIER_SUMMARY, S.PROMPT_SUMMARY, S.EDGES_SUMMARY]),
+          metrics=[S.FRONTIER_SUMMARY, S.PROMPT_SUMMARY, S.EDGES_SUMMARY, STUDIES_HEADLINE]),
 ]
 
 PLOTS = [

@@ -1,5 +1,7 @@
 """pipeline/studies: the compression frontier's params, run configs, statistics, knee and report."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -149,7 +151,7 @@ def test_studies_report_builds_every_section_from_what_exists(tmp_path, monkeypa
     """Only the frontier's tables exist: its section and answer are written, the prompt-quality section says
     nothing finished, the edges section shows '-' without failing; the three summaries are written."""
     from pipeline import paths as P
-    from pipeline.studies.report import build
+    from pipeline.studies.report import HEADLINE, build
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / S.FRONTIER_PER_IMAGE).mkdir(parents=True)
@@ -161,6 +163,9 @@ def test_studies_report_builds_every_section_from_what_exists(tmp_path, monkeypa
     md = build(cfg, studies)
     assert "## Compression frontier" in md and "**Answer.**" in md
     assert "No run of this study has finished" in md and "## Edges condition" in md
-    for f in (S.FRONTIER_SUMMARY, S.PROMPT_SUMMARY, S.EDGES_SUMMARY):
+    for f in (S.FRONTIER_SUMMARY, S.PROMPT_SUMMARY, S.EDGES_SUMMARY, HEADLINE):
         assert (tmp_path / f).exists(), f
+    flat = json.loads((tmp_path / HEADLINE).read_text())
+    assert flat["frontier_knee_af"] == 12 and flat["frontier_d6_af_psnr"] < flat["frontier_d12_af_psnr"]
+    assert all(isinstance(v, (int, float)) for v in flat.values())
     assert (tmp_path / S.STUDIES_FIGURES / "frontier_depth.png").exists() and not (tmp_path / P.PER_IMAGE).exists()

@@ -19,6 +19,10 @@ from pipeline.studies import edges_report, prompt_quality
 from pipeline.studies import frontier as F
 from pipeline.studies.config import StudiesConfig
 
+# The studies' DVC metrics file: the figures each answer rests on, flat, so `dvc metrics diff` in a pull
+# request shows what a change of the method does to them (the summaries beside it hold the CIs).
+HEADLINE = S.STUDY_METRICS / "headline.json"
+
 
 def _verdict(ci: dict | None) -> str:
     if not ci or ci.get("mean") is None or math.isnan(ci["mean"]):
@@ -72,6 +76,37 @@ def _prompt_histories(levels, seeds) -> dict[str, list[pd.DataFrame]]:
     return out
 
 
+def headline(front: dict, pq: dict, ed: dict) -> dict:
+    """Flat {name: number} of the three studies' key figures (mean and CI bounds of each difference)."""
+    out: dict = {}
+
+    def put(name: str, ci: dict | None) -> None:
+        if ci and ci.get("mean") is not None:
+            out.update({name: ci["mean"], f"{name}_ci_low": ci["ci_low"], f"{name}_ci_high": ci["ci_high"]})
+
+    def dig(d, *keys):  # None where any level is missing or None
+        for k in keys:
+            d = d.get(k) if isinstance(d, dict) else None
+        return d
+
+    for arm, k in front.get("knee", {}).items():
+        out[f"frontier_knee_{arm}"] = k["depth"]
+    for d, r in front.get("depths", {}).items():
+        for arm in ("af", "no_af"):
+            if arm in r:
+                put(f"frontier_d{d}_{arm}_psnr", r[arm]["psnr"])
+        put(f"frontier_d{d}_af_minus_no_af_psnr", dig(r, "af_minus_no_af", "psnr"))
+    for lv, r in pq.get("levels", {}).items():
+        put(f"prompt_{lv}_psnr", r.get("psnr"))
+        put(f"prompt_{lv}_minus_noise0_psnr", dig(r, "minus_reference", "psnr"))
+        out[f"prompt_{lv}_diverged"] = r.get("diverged")
+        out[f"prompt_{lv}_loss_var"] = dig(r, "loss_var", "mean")
+    for cond in ed.get("conditions", {}):
+        put(f"{cond}_gap_psnr", dig(ed, "conditions", cond, "gap_student_minus_teacher", "psnr"))
+    put("edges_minus_inpaint_gap_psnr", dig(ed, "gap_edges_minus_inpaint", "psnr"))
+    return {k: v for k, v in out.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
+
+
 def build(cfg: Config, studies: StudiesConfig) -> str:
     """Write the three summaries and figures; return reports/studies.md's text."""
     rel = lambda p: str(Path(p).relative_to(S.STUDIES_REPORT.parent))  # noqa: E731
@@ -96,6 +131,7 @@ def build(cfg: Config, studies: StudiesConfig) -> str:
                                 inpaint_per_image=paths.PER_IMAGE)
     write_json(S.EDGES_SUMMARY, ed)
     fig = edges_report.plot(ed, S.STUDIES_FIGURES / "edges.png")
+    write_json(HEADLINE, headline(front, pq, ed))
     md += edges_report.markdown(ed).replace("## Edges condition (issue 15)",
                                             f"## Edges condition (issue 15)\n\n![edges]({rel(fig)})", 1)
     return md
