@@ -366,7 +366,7 @@ def render(cfg: Config, summary: dict, c: dict, figures: dict[str, str]) -> str:
         _pseudo_labeller(c["pseudo_labeller"]),
         # a pointer, not a dep: the studies run outside `make run` (studies/dvc.yaml) and write their own page
         "## Studies beyond the paper",
-        "The compression frontier (15 to 4 layers, with and without L_af), prompt quality in stage 2 and the "
+        "The compression frontier (students of every depth, with and without L_af), prompt quality in stage 2 and the "
         "edges condition, each with its figures and answer: [studies.md](studies.md) (`make studies`).",
         "## Figures",
     ]
