@@ -216,6 +216,12 @@ def findings(summary: dict) -> str:
     tb = _get(c["edges"], "teacher_minus_backbone", "psnr")
     if tb is not None:
         said.append(f"The edges teacher minus the backbone alone: {_fmt(tb)} dB ({_excludes_zero(tb)}).")
+    tbs = _get(c["edges"], "teacher_minus_backbone", "ssim")
+    if tbs is not None:
+        said.append(f"In SSIM, the edges teacher minus the backbone alone: {_fmt(tbs, 3)} ({_excludes_zero(tbs)}).")
+    if ge is not None:
+        said.append("Whole-image PSNR/SSIM against the ground truth do not measure how closely an output follows "
+                    "the control edges; an edge-fidelity metric is not computed here.")
     return " ".join(said)
 
 

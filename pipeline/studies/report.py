@@ -49,7 +49,7 @@ def frontier_answer(summary: dict) -> str:
                          for d, v in sorted(losses, reverse=True))
         ms = f" ({k['step_ms']:.2f} ms per full step)" if k.get("step_ms") else ""
         knee = f"the knee is **{k['depth']} layers**{ms}" if k["depth"] else "no depth below the reference qualifies"
-        said.append(f"{label.capitalize()}, whole-image PSNR against {ref} layers: {lost}; by the stated rule {knee}.")
+        said.append(f"{label[0].upper()}{label[1:]}, whole-image PSNR against {ref} layers: {lost}; by the stated rule {knee}.")
     pos, neg, ns = [], [], []
     for d, r in rows.items():
         v = _verdict(r.get("af_minus_no_af", {}).get("psnr"))
@@ -120,6 +120,10 @@ def build(cfg: Config, studies: StudiesConfig) -> str:
 
     p = studies.prompt_quality
     pq = prompt_quality.aggregate(S.PROMPT_RUNS, S.PROMPT_PER_IMAGE, p.levels, p.seeds)
+    for lv, row in pq["levels"].items():  # the share of prompts each level changed: its encode stage's record
+        enc = S.PROMPT_RUNS / f"encode-{lv}.json"
+        if enc.exists():
+            row["changed_share"] = read_json(enc)["changed_share"]
     write_json(S.PROMPT_SUMMARY, pq)
     if pq["levels"]:
         fig = prompt_quality.plot(pq, _prompt_histories(p.levels, p.seeds), S.STUDIES_FIGURES / "prompt_quality.png")
