@@ -181,6 +181,9 @@ def make_workspace(name: str, dest: Path, base: Path = ROOT / "params.yaml") -> 
     if not (dest / ".dvc").exists():
         subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=dest, check=True)
         subprocess.run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], cwd=dest, check=True)
+    # DVC's ignores (caches such as __pycache__): code_digests depends on the code folders, and the .pyc
+    # files a stage's import writes there must not make it stale
+    shutil.copy2(ROOT / ".dvcignore", dest / ".dvcignore")
     subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
     if subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=dest).returncode:
         subprocess.run([*git, "commit", "-q", "-m", f"workspace: profile {name}"], cwd=dest, check=True)

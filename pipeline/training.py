@@ -35,7 +35,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
 from accelerate import Accelerator
@@ -44,6 +44,9 @@ from tqdm.auto import tqdm
 
 from pipeline.config import TrainLoop
 from pipeline.threads import follow as follow_threads
+
+if TYPE_CHECKING:
+    from diffusers.training_utils import EMAModel
 
 _PARENT = os.getppid()  # at import: if it differs later, the parent died before die_with_parent() ran
 
@@ -76,27 +79,23 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor
 
 
 def code_digest(modules: tuple[str, ...] = ()) -> str:
-    """sha256 of the source of every project module (pipeline.*, stages.*) this process has loaded, or, given
-    ``modules``, of their import closures (pipeline.closure): DVC reruns a stage when its code changes, and a
-    fixed loss or model must then not resume the old code's checkpoints. The closure does not depend on
-    what else the process loaded, so two stages that train the same way (distill_stage1 and the ablation
-    runs) compute the same key and can share checkpoints."""
-    root = Path(__file__).resolve().parent.parent
-    files = set()
-    if modules:
-        from pipeline.closure import import_closure
+    """The digest (pipeline.closure.files_digest: normalised source, so comments and docstrings do not
+    count) of every project module (pipeline.*, stages.*) this process has loaded, or, given ``modules``,
+    of their import closures: DVC reruns a stage when its code changes, and a fixed loss or model must then
+    not resume the old code's checkpoints. The closure does not depend on what else the process loaded, so
+    two stages that train the same way (distill_stage1 and the ablation runs) compute the same key and can
+    share checkpoints."""
+    from pipeline.closure import files_digest, import_closure
 
-        files = {(root / f).resolve() for m in modules for f in import_closure(m, root)}
+    root = Path(__file__).resolve().parent.parent
+    files = {(root / f).resolve() for m in modules for f in import_closure(m, root)}
     for module in [] if modules else list(sys.modules.values()):
         f = getattr(module, "__file__", None)
         if f and Path(f).suffix == ".py":
             p = Path(f).resolve()
             if p.is_relative_to(root / "pipeline") or p.is_relative_to(root / "stages"):
                 files.add(p)
-    h = hashlib.sha256()
-    for p in sorted(files):
-        h.update(f"{p.relative_to(root).as_posix()}\0".encode() + p.read_bytes() + b"\0")
-    return h.hexdigest()
+    return files_digest(files, root)
 
 
 def die_with_parent(sig: int = signal.SIGTERM) -> None:
@@ -158,6 +157,45 @@ class TensorData:
 
 
 @dataclass
+class _Session:
+    """One Loop.run, set up (Loop._prepare): the accelerator, the prepared model (wrapped under several
+    processes) and optimizer, the lr schedule, the trainable parameters, the EMA (None without one), the
+    number of training rows and the samples per micro-batch on each process."""
+
+    acc: Accelerator
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    params: list[torch.nn.Parameter]
+    ema: EMAModel | None
+    n: int
+    micro: int
+
+
+@dataclass
+class _Clock:
+    """The training time of the weights: this session's, since it started at step ``start``, plus
+    ``before``, the sessions' before it (the resumed checkpoint's record)."""
+
+    start: int
+    per_step: int  # global samples per optimizer step
+    before: float
+    t0: float = field(default_factory=time.perf_counter)
+
+    def rate(self, done: int) -> float:
+        """This session's samples per second up to step ``done``."""
+        return (done - self.start) * self.per_step / max(time.perf_counter() - self.t0, 1e-9)
+
+    def record(self, done: int, last: dict[str, float], info: dict) -> dict:
+        """Step ``done``'s DONE record: seconds and samples per second over every session that trained these
+        weights (stored so that a rerun that finds the run finished returns them instead of a zero-step
+        session's), the last terms, and the prefix the weights came from (kept from ``info``, the last)."""
+        seconds = self.before + time.perf_counter() - self.t0
+        return {"step": done, "seconds": seconds, "samples_per_s": done * self.per_step / max(seconds, 1e-9),
+                "last": last, **{k: info[k] for k in ("prefix_steps", "prefix") if k in info}}
+
+
+@dataclass
 class Loop:
     """``loss_fn(model, batch, generator) -> {"loss": total, <term>: value, ...}``. ``data``: a dict of
     tensors or any ``Data`` (pipeline.distill.trainer reads encoded shards lazily)."""
@@ -199,26 +237,47 @@ class Loop:
             self.data = TensorData(self.data)
 
     def run(self) -> LoopResult:
+        """Train to ``train.steps`` (at most ``max_steps_this_run`` more steps), from the newest usable
+        checkpoint of this run's key (a prefix's when further along); every process runs it. Leaves the trained
+        weights (the EMA's, with one) in ``self.model``; returns the figures of the last checkpoint."""
         die_with_parent()
-        device = torch.device("cpu") if str(self.device) == "cpu" else None
-        if device is None and str(self.device) != "auto" and "WORLD_SIZE" not in os.environ:
-            os.environ.setdefault("ACCELERATE_TORCH_DEVICE", str(self.device))  # accelerate's device override
-        acc = Accelerator(
-            gradient_accumulation_steps=self.gradient_accumulation_steps,
-            mixed_precision=self.mixed_precision,
-            # "auto" on a machine without CUDA is the CPU too (gloo for several processes)
-            cpu=device is not None or (str(self.device) == "auto" and not torch.cuda.is_available()),
-        )
-        n, accum, procs = len(self.data), self.gradient_accumulation_steps, acc.num_processes
-        micro = self.train.batch_size // procs
-        if micro < 1 or self.train.batch_size % procs:
-            raise ValueError(f"{self.name}: batch_size {self.train.batch_size} does not split over "
-                             f"{procs} processes")
+        acc = self._accelerator()
+        micro = self._micro_batch(acc.num_processes)
         # Hashed before anything moves or trains the models; only the main process compares keys.
         key = self.key() if acc.is_main_process else ""
         if self.on_start:
             self.on_start(acc)
         self._freeze_unused(acc)
+        session = self._prepare(acc, micro)
+        start, info = self._resume(session, key)
+        total = self.train.steps
+        end = total if self.max_steps_this_run is None else min(total, start + self.max_steps_this_run)
+        info = self._train(session, start, end, info)
+        return self._finish(session, start, info)
+
+    def _accelerator(self) -> Accelerator:
+        """accelerate for ``device``: "cpu" (or "auto" without CUDA) trains on the CPU, gloo between several
+        processes; "auto" otherwise places each process on its accelerator; cuda:i is honoured by a single
+        process (under a launcher, each process takes its own)."""
+        cpu = str(self.device) == "cpu"
+        if not cpu and str(self.device) != "auto" and "WORLD_SIZE" not in os.environ:
+            os.environ.setdefault("ACCELERATE_TORCH_DEVICE", str(self.device))  # accelerate's device override
+        return Accelerator(gradient_accumulation_steps=self.gradient_accumulation_steps,
+                           mixed_precision=self.mixed_precision,
+                           cpu=cpu or (str(self.device) == "auto" and not torch.cuda.is_available()))
+
+    def _micro_batch(self, procs: int) -> int:
+        """Samples per micro-batch on each of ``procs`` processes: the batch size splits evenly over them."""
+        micro = self.train.batch_size // procs
+        if micro < 1 or self.train.batch_size % procs:
+            raise ValueError(f"{self.name}: batch_size {self.train.batch_size} does not split over "
+                             f"{procs} processes")
+        return micro
+
+    def _prepare(self, acc: Accelerator, micro: int) -> _Session:
+        """The global seed, then the optimizer over the trainable parameters (after _freeze_unused), the lr
+        schedule and the EMA, with the model prepared by accelerate and every state that a checkpoint
+        holds registered. Raises ValueError when nothing is trainable."""
         set_seed(self.seed)
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
@@ -237,64 +296,94 @@ class Loop:
 
             ema = EMAModel(params, decay=self.ema_decay, use_ema_warmup=True)
             acc.register_for_checkpointing(ema)
+        return _Session(acc, model, opt, sched, params, ema, len(self.data), micro)
 
-        total = self.train.steps
-        if acc.is_main_process and self.prefixes:
-            _take_prefix(acc, self.checkpoint_dir, key, self.prefixes, total, self.name)
+    def _resume(self, s: _Session, key: str) -> tuple[int, dict]:
+        """-> (step to start from, the DONE record of the checkpoint resumed; 0, {} if none). The main
+        process claims the checkpoint folder (_claim) and offers it a prefix (_take_prefix); then every
+        process loads the newest checkpoint of step <= ``train.steps`` (_load)."""
+        acc, root, total = s.acc, self.checkpoint_dir, self.train.steps
+        if acc.is_main_process:
+            own, discarded = _claim(root, key, total)
+            taken = bool(self.prefixes) and _take_prefix(acc, root, key, self.prefixes, total, self.name, own)
+            if discarded and not taken:  # a prefix taken in their place is no fresh start
+                acc.print(f"{root}: checkpoints were made from other params, data or models; starting afresh")
         acc.wait_for_everyone()
-        start, info = _resume(acc, self.checkpoint_dir, key, total)
-        if ema:
-            ema.to(acc.device)  # accelerate loads custom states onto the CPU
-        end = total if self.max_steps_this_run is None else min(total, start + self.max_steps_this_run)
-        live = _live(self.live_dir, start, acc) if start < end else None
-        bar = tqdm(range(start, end), desc=self.name, initial=start, total=total,
-                   disable=not acc.is_local_main_process)
-        per_step = self.train.batch_size * accum  # global samples per optimizer step
-        t0, last = time.perf_counter(), info.get("last", {})
-        trained_before = info.get("seconds", 0.0)  # by the sessions before this one
-        model.train()
+        start, info = _load(acc, root, total)
+        if s.ema:
+            s.ema.to(acc.device)  # accelerate loads custom states onto the CPU
+        return start, info
+
+    def _train(self, s: _Session, start: int, end: int, info: dict) -> dict:
+        """Steps ``start`` .. ``end`` - 1, each followed by the EMA's step and the executor's thread count;
+        logged to dvclive every ``log_every`` steps and at ``end``, checkpointed every ``checkpoint_every``
+        steps and at ``end``. ``info``: the resumed checkpoint's DONE record. Returns the last one saved
+        (``info`` when none was)."""
+        live = _live(self.live_dir, start, s.acc) if start < end else None
+        bar = tqdm(range(start, end), desc=self.name, initial=start, total=self.train.steps,
+                   disable=not s.acc.is_local_main_process)
+        clock = _Clock(start, self._global_batch, info.get("seconds", 0.0))
+        s.model.train()
         for step in bar:
-            order = batch_indices(n, per_step, self.seed, step)
-            for k in range(accum):
-                j = k * procs + acc.process_index  # this micro-batch's place in the step's global batch
-                idx = order[j * micro:(j + 1) * micro]
-                batch = {name: v.to(acc.device) for name, v in self.data.batch(idx).items()}
-                gen = step_generator(self.seed, step, stream=2 + j)
-                try:
-                    terms = train_step(acc, model, opt, params, self.loss_fn, batch, gen, self.train.max_grad_norm,
-                                       sched)
-                except NonFiniteLoss as exc:
-                    raise NonFiniteLoss(f"{self.name}: non-finite loss at step {step} ({exc}); stopped. The last "
-                                        f"good checkpoint is kept in {self.checkpoint_dir}") from None
-            if ema:
-                ema.step(params)
+            terms = self._optimizer_step(s, step)
+            if s.ema:
+                s.ema.step(s.params)
             follow_threads()  # the concurrent executor may lend this process idle threads (pipeline.threads)
             done = step + 1
             last = {k: float(v.detach()) for k, v in terms.items()}
             if live and (done % self.log_every == 0 or done == end):
-                live.step = done
-                for k, v in last.items():
-                    live.log_metric(f"{self.name}/{k}", v)
-                live.log_metric(f"{self.name}/lr", sched.get_last_lr()[0])
-                live.log_metric(f"{self.name}/samples_per_s",
-                                (done - start) * per_step / max(time.perf_counter() - t0, 1e-9))
+                self._log(live, done, last, s.sched, clock)
             bar.set_postfix({k: f"{v:.4f}" for k, v in last.items()})
             if done % self.checkpoint_every == 0 or done == end:
-                # Figures over every session that trained these weights, stored so that a rerun that
-                # finds the run finished returns them instead of a zero-step session's.
-                seconds = trained_before + time.perf_counter() - t0
-                info = {"step": done, "seconds": seconds, "samples_per_s": done * per_step / max(seconds, 1e-9),
-                        "last": last, **{k: info[k] for k in ("prefix_steps", "prefix") if k in info}}
-                _save(acc, self.checkpoint_dir, info, self.keep_checkpoints)
+                info = clock.record(done, last, info)
+                _save(s.acc, self.checkpoint_dir, info, self.keep_checkpoints)
         if live:
             live.end()
-        acc.wait_for_everyone()
-        final = acc.unwrap_model(model)
-        if ema:
-            ema.copy_to(params)
+        return info
+
+    @property
+    def _global_batch(self) -> int:
+        """Samples per optimizer step, over every process and accumulation round."""
+        return self.train.batch_size * self.gradient_accumulation_steps
+
+    def _optimizer_step(self, s: _Session, step: int) -> dict[str, torch.Tensor]:
+        """Optimizer step ``step`` on this process: its micro-batches of the step's global batch
+        (batch_indices), micro-batch j drawing its noise from (seed, step, 2 + j) whichever process or
+        accumulation round trains it, each through train_step. Returns the last micro-batch's terms; raises
+        NonFiniteLoss naming the step."""
+        acc, procs = s.acc, s.acc.num_processes
+        order = batch_indices(s.n, self._global_batch, self.seed, step)
+        for k in range(self.gradient_accumulation_steps):
+            j = k * procs + acc.process_index  # this micro-batch's place in the step's global batch
+            idx = order[j * s.micro:(j + 1) * s.micro]
+            batch = {name: v.to(acc.device) for name, v in self.data.batch(idx).items()}
+            gen = step_generator(self.seed, step, stream=2 + j)
+            try:
+                terms = train_step(acc, s.model, s.opt, s.params, self.loss_fn, batch, gen, self.train.max_grad_norm,
+                                   s.sched)
+            except NonFiniteLoss as exc:
+                raise NonFiniteLoss(f"{self.name}: non-finite loss at step {step} ({exc}); stopped. The last "
+                                    f"good checkpoint is kept in {self.checkpoint_dir}") from None
+        return terms
+
+    def _log(self, live, done: int, last: dict[str, float], sched, clock: _Clock) -> None:
+        """Step ``done``'s loss terms, lr and this session's samples per second, under this loop's name."""
+        live.step = done
+        for k, v in last.items():
+            live.log_metric(f"{self.name}/{k}", v)
+        live.log_metric(f"{self.name}/lr", sched.get_last_lr()[0])
+        live.log_metric(f"{self.name}/samples_per_s", clock.rate(done))
+
+    def _finish(self, s: _Session, start: int, info: dict) -> LoopResult:
+        """Once every process is done: the trained weights, unwrapped (the EMA's, with one), into
+        ``self.model``; the figures of ``info``, the last checkpoint's record (none: ``start`` steps)."""
+        s.acc.wait_for_everyone()
+        final = s.acc.unwrap_model(s.model)
+        if s.ema:
+            s.ema.copy_to(s.params)
         self.model = final
         return LoopResult(info.get("step", start), info.get("seconds", 0.0), info.get("samples_per_s", 0.0),
-                          info.get("last", {}), acc.is_main_process, info.get("prefix_steps", 0))
+                          info.get("last", {}), s.acc.is_main_process, info.get("prefix_steps", 0))
 
     def key(self) -> str:
         """What the checkpoints are made from: the loop's params except the number of steps (the prefix rule
@@ -408,7 +497,7 @@ def _problem(ck: Path) -> str | None:
 
     try:
         step = json.loads((ck / "DONE").read_text())["step"]
-        if step != int(ck.name[5:]):
+        if step != _step(ck):
             return f"its DONE mark says step {step}"
         for f in sorted(ck.glob("*.safetensors")):
             with safe_open(str(f), "pt"):
@@ -430,21 +519,46 @@ def _set_aside(ck: Path, why: str) -> Path:
     return dest
 
 
-def _usable(root: Path, key: str, upto: int) -> Path | None:
-    """The newest readable checkpoint of step <= ``upto`` in ``root`` if its FINGERPRINT is ``key``."""
+def _keyed(root: Path, key: str) -> bool:
+    """``root``'s FINGERPRINT is ``key``: its checkpoints were made from what this run is made from."""
     mark = root / "FINGERPRINT"
-    if not mark.exists() or mark.read_text() != key:
+    return mark.exists() and mark.read_text() == key
+
+
+def _usable(root: Path, key: str, upto: int) -> Path | None:
+    """The newest readable checkpoint of step <= ``upto`` in ``root`` if its FINGERPRINT is ``key``. Only
+    reads (a prefix root is never changed)."""
+    if not _keyed(root, key):
         return None
     return next((ck for ck in reversed(_checkpoints(root, upto)) if _problem(ck) is None), None)
 
 
-def _take_prefix(acc: Accelerator, root: Path, key: str, prefixes: list[Path], total: int, name: str) -> None:
-    """Main process only. Copy into ``root`` the newest checkpoint (step <= total) of a prefix root whose
-    FINGERPRINT is ``key``, when it is further along than ``root``'s own usable checkpoints; roots with
-    another key (or none) are ignored. Copied to a temporary folder then renamed: nothing partial; the
-    prefix root is only read. The copy's DONE record keeps the prefix's seconds (the cost of those
-    weights) and notes the prefix (``prefix_steps``: the steps this run did not train)."""
-    own = _usable(root, key, total)
+def _claim(root: Path, key: str, upto: int) -> tuple[Path | None, bool]:
+    """Main process only. Make ``root`` the checkpoint folder of ``key`` and find what a run of ``upto``
+    steps resumes: -> (the newest readable checkpoint of step <= ``upto``, None if none; whether another
+    key's checkpoints were removed). A folder whose FINGERPRINT is not ``key`` (or that has none) is emptied
+    first: nothing made from other params, data, models or code is resumed. Unreadable checkpoints newer
+    than the one returned are set aside (_set_aside); those of step > ``upto`` belong to a longer run and are
+    neither read nor touched."""
+    discarded = False
+    if root.exists() and not _keyed(root, key):
+        discarded = bool(_checkpoints(root))
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "FINGERPRINT").write_text(key)
+    for ck in reversed(_checkpoints(root, upto)):
+        why = _problem(ck)
+        if why is None:
+            return ck, discarded
+        _set_aside(ck, why)
+    return None, discarded
+
+
+def _take_prefix(acc: Accelerator, root: Path, key: str, prefixes: list[Path], total: int, name: str,
+                 own: Path | None) -> bool:
+    """Main process only, on ``root`` claimed by _claim (``own``: the checkpoint it found). Copy into
+    ``root`` the newest checkpoint (step <= total) of a prefix root whose FINGERPRINT is ``key`` when it is
+    further along than ``own``; roots with another key (or none) are ignored. Returns whether one was taken."""
     best: Path | None = None
     for p in map(Path, prefixes):
         if not p.exists():
@@ -456,49 +570,41 @@ def _take_prefix(acc: Accelerator, root: Path, key: str, prefixes: list[Path], t
         elif best is None or _step(ck) > _step(best):
             best = ck
     if best is None or (own is not None and _step(own) >= _step(best)):
-        return
-    mark = root / "FINGERPRINT"
-    if root.exists() and (not mark.exists() or mark.read_text() != key):
-        shutil.rmtree(root)  # checkpoints of another key: _resume would start afresh over them too
-    root.mkdir(parents=True, exist_ok=True)
-    mark.write_text(key)
-    final = root / best.name
-    tmp = root / f".tmp-prefix-{best.name}"
+        return False
+    info = _copy_checkpoint(best, root)
+    acc.print(f"{name}: took prefix {best} (step {info['step']} of {total})")
+    return True
+
+
+def _copy_checkpoint(ck: Path, root: Path) -> dict:
+    """Copy prefix checkpoint ``ck`` into ``root`` under its own name -> its DONE record as copied: the
+    prefix's seconds (the cost of those weights) with the prefix noted (``prefix_steps``: the steps the
+    run that takes it does not train). Copied to a temporary folder then renamed: nothing partial; ``ck`` is
+    only read."""
+    final = root / ck.name
+    tmp = root / f".tmp-prefix-{ck.name}"
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(best, tmp)
+    shutil.copytree(ck, tmp)
     info = json.loads((tmp / "DONE").read_text())
-    info.update(prefix=str(best.parent), prefix_steps=info["step"])
+    info.update(prefix=str(ck.parent), prefix_steps=info["step"])
     (tmp / "DONE").write_text(json.dumps(info))
-    if final.exists():  # unreadable (else it would be ``own``): keep it for inspection
+    if final.exists():  # not a usable checkpoint (else it would be the claimed one): keep it for inspection
         _set_aside(final, "replaced by a prefix's checkpoint")
     os.replace(tmp, final)
-    acc.print(f"{name}: took prefix {best} (step {info['step']} of {total})")
+    return info
 
 
-def _resume(acc: Accelerator, root: Path, key: str, total: int) -> tuple[int, dict]:
-    """-> (step to start from, the DONE record of the checkpoint resumed, {} if none): the newest readable
-    checkpoint of step <= ``total``; later ones (a longer run's) are neither resumed nor touched."""
-    mark = root / "FINGERPRINT"
-    if acc.is_main_process:
-        if root.exists() and (not mark.exists() or mark.read_text() != key):
-            if _checkpoints(root):
-                acc.print(f"{root}: checkpoints were made from other params, data or models; starting afresh")
-            shutil.rmtree(root)
-        root.mkdir(parents=True, exist_ok=True)
-        mark.write_text(key)
-        for ck in reversed(_checkpoints(root, total)):  # newest readable one, setting broken ones aside
-            why = _problem(ck)
-            if why is None:
-                break
-            _set_aside(ck, why)
-    acc.wait_for_everyone()
-    ckpts = _checkpoints(root, total)
+def _load(acc: Accelerator, root: Path, upto: int) -> tuple[int, dict]:
+    """Every process, once the main one has claimed ``root`` (_claim): load the newest checkpoint of step
+    <= ``upto`` -> (its step, its DONE record); (0, {}) if none. One that passed _claim's header checks but
+    fails to load (say, a corrupt optimizer state) may be half loaded: it is set aside and CorruptCheckpoint
+    raised."""
+    ckpts = _checkpoints(root, upto)
     if not ckpts:
         return 0, {}
     try:
         acc.load_state(str(ckpts[-1]))
     except Exception as e:
-        # Past the header checks (say, a corrupt optimizer state): the state may be half loaded, so stop.
         where = _set_aside(ckpts[-1], repr(e)) if acc.is_main_process else ckpts[-1]
         raise CorruptCheckpoint(f"checkpoint {ckpts[-1]} could not be loaded ({e}); set aside as {where}. "
                                 f"Rerun to resume from the previous checkpoint, or afresh if none") from e

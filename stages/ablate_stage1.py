@@ -6,23 +6,22 @@ stage-1 checkpoint instead of training.
     # -> checkpoints/ablations/stage1-sSEED (the final checkpoint and its FINGERPRINT)
 """
 
-import argparse
+import sys
 
 from pipeline import paths
-from pipeline.config import load
 from pipeline.distill.ablation import train_stage1_prefix
+from pipeline.entry import arg, stage
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("seed", type=int)
-    ap.add_argument("--params", default="params.yaml")
-    args = ap.parse_args(argv)
-    m = train_stage1_prefix(load(args.params), args.seed, foundation=paths.BACKBONE, teacher=paths.TEACHER,
+@stage(__doc__, arg("seed", type=int), kind="model")
+def main(args, cfg):
+    # its out and prefix are pipeline.stage_io.stage1_prefixes (not imported: it would add data/encode.py
+    # to this training stage's code deps)
+    m = train_stage1_prefix(cfg, args.seed, foundation=paths.BACKBONE, teacher=paths.TEACHER,
                             encoded=paths.ENCODED, out=paths.ABLATION_STAGE1 / f"stage1-s{args.seed}",
                             prefixes=[paths.CHECKPOINTS / "distill_stage1"])
     print(f"stage1-s{args.seed}", m)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

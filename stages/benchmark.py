@@ -2,22 +2,20 @@
 (ControlNet alone and a full denoising step), speedups beside the FLOP-ratio ideal, and training
 samples/s per stage. One process; writes metrics/benchmark.json. A measurement, not a timed test."""
 
-import argparse
+import sys
 
 from pipeline import paths
-from pipeline.config import load
+from pipeline.entry import stage
 from pipeline.evaluation.benchmark import run_benchmark
 from pipeline.metrics_io import write_json
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--params", default="params.yaml")
-    cfg = load(ap.parse_args(argv).params)
+@stage(__doc__, kind="model")
+def main(args, cfg):
     m = run_benchmark(cfg, paths.BACKBONE, {"teacher": paths.TEACHER, "student": paths.STUDENT},
                       paths.DISTILL_METRICS)
     write_json(paths.BENCHMARK_METRICS, m)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

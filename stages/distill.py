@@ -5,20 +5,16 @@
 A killed run resumes from its last checkpoint (checkpoints/distill_<stage>) when re-run.
 """
 
-import argparse
+import sys
 
 from pipeline import paths
-from pipeline.config import load
 from pipeline.distill.trainer import distill
+from pipeline.entry import arg, stage
 from pipeline.metrics_io import write_json
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["stage1", "stage2"])
-    ap.add_argument("--params", default="params.yaml")
-    args = ap.parse_args(argv)
-    cfg = load(args.params)
+@stage(__doc__, arg("stage", choices=["stage1", "stage2"]), kind="model")
+def main(args, cfg):
     out, init = ((paths.STUDENT_STAGE1, None) if args.stage == "stage1" else (paths.STUDENT, paths.STUDENT_STAGE1))
     dvc_stage = f"distill_{args.stage}"
     m = distill(cfg, args.stage, foundation=paths.BACKBONE, teacher=paths.TEACHER, encoded=paths.ENCODED, out=out,
@@ -29,4 +25,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,23 +1,19 @@
 """DVC stage `encode`: VAE latents and prompt embeddings of every triplet -> data/encoded/<split>/ shards."""
 
-import argparse
 import shutil
+import sys
 
 from pipeline import paths
-from pipeline.config import load
 from pipeline.data.encode import encode_dataset, joined
 from pipeline.data.triplets import parse_shard
+from pipeline.entry import arg, stage
 from pipeline.metrics_io import write_json
 from pipeline.runtime import runtime
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--out", default=str(paths.ENCODED))
-    ap.add_argument("--shard", default="0/1", help="i/N: encode the i-th of N deterministic subsets")
-    args = ap.parse_args(argv)
-    cfg = load(args.params)
+@stage(__doc__, arg("--out", default=str(paths.ENCODED)),
+       arg("--shard", default="0/1", help="i/N: encode the i-th of N deterministic subsets"), kind="model")
+def main(args, cfg):
     i, n = parse_shard(args.shard)
     if n == 1:
         shutil.rmtree(args.out, ignore_errors=True)  # a full run replaces every shard
@@ -35,4 +31,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -2,29 +2,23 @@
 (params memory_benchmark, runtime) -> metrics/memory_benchmark.json; fails when either grows by more than
 memory_benchmark.max_ratio (memory must not grow with the data)."""
 
-import argparse
 import sys
 
 from pipeline import paths
-from pipeline.config import load
 from pipeline.data.memory_benchmark import BOUNDED, run_memory_benchmark
+from pipeline.entry import CheckFailed, stage
 from pipeline.metrics_io import write_json
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--params", default="params.yaml")
-    args = ap.parse_args(argv)
-    cfg = load(args.params)
+@stage(__doc__, kind="model")
+def main(args, cfg):
     m = run_memory_benchmark(cfg, triplets=paths.TRIPLETS, captions=paths.CAPTIONS, foundation=paths.BACKBONE,
                              teacher=paths.TEACHER, params=args.params)
     write_json(paths.MEMORY_BENCHMARK_METRICS, m)
     for arm in BOUNDED:
         print(f"{arm}: peak RSS x{m[arm]['ratio']:.3f} from {m['rows'][0]} to {m['rows'][1]} rows")
     if not m["bounded"]:
-        print(f"memory_benchmark: peak RSS grew more than x{m['max_ratio']} with the data", file=sys.stderr)
-        return 1
-    return 0
+        raise CheckFailed(f"peak RSS grew more than x{m['max_ratio']} with the data")
 
 
 if __name__ == "__main__":

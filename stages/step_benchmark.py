@@ -3,26 +3,17 @@ to the FLOP ratio, GFLOP/s against a matmul ceiling) and torch.compile of the di
 -> metrics/step_benchmark.json (pipeline/evaluation/step_benchmark.py; params step_benchmark and the
 distillation settings the step reads)."""
 
-import argparse
 import sys
 from pathlib import Path
 
 from pipeline import paths
-from pipeline.config import ConfigError, load
+from pipeline.entry import arg, stage
 from pipeline.evaluation.step_benchmark import run_step_benchmark
 from pipeline.metrics_io import write_json
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--out", default=str(paths.STEP_BENCHMARK_METRICS))
-    args = ap.parse_args(argv)
-    try:
-        cfg = load(args.params)
-    except ConfigError as exc:
-        print(f"step_benchmark: {exc}", file=sys.stderr)
-        return 2
+@stage(__doc__, arg("--out", default=str(paths.STEP_BENCHMARK_METRICS)), kind="model")
+def main(args, cfg):
     m = run_step_benchmark(cfg, cfg.step_benchmark, foundation=paths.BACKBONE, teacher=paths.TEACHER,
                            encoded=paths.ENCODED)
     write_json(Path(args.out), m)
@@ -35,7 +26,6 @@ def main(argv=None) -> int:
               f"pays at the default budget: {c['pays_at_budget']}")
     else:
         print(f"compiled: not available ({c.get('error')})")
-    return 0
 
 
 if __name__ == "__main__":

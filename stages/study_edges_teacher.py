@@ -5,25 +5,19 @@ edges: the scene's Sobel edge map as control image) trained on the world split (
     # -> models/studies/edges/teacher, metrics/studies/edges/teacher_train.json
 """
 
-import argparse
+import sys
 
 from pipeline import paths
 from pipeline import studies as S
-from pipeline.config import load
 from pipeline.metrics_io import write_json
-from pipeline.studies import config as study_config
 from pipeline.studies.edges import train_edges_teacher
+from pipeline.study_stage import study_stage
 
 LIVE = paths.DVCLIVE / "studies" / "edges_teacher"
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--studies", default=str(S.STUDY_PARAMS))
-    args = ap.parse_args(argv)
-    cfg = load(args.params)
-    study_config.load(cfg, args.studies)  # validated against params.yaml
+@study_stage(__doc__, kind="model")
+def main(args, cfg, study):
     m = train_edges_teacher(cfg, scenes=paths.SCENES, foundation=paths.BACKBONE, out=S.EDGES_TEACHER,
                             checkpoints=S.EDGES_CHECKPOINTS / "teacher", live=LIVE)
     write_json(S.EDGES_METRICS / "teacher_train.json", m)
@@ -31,4 +25,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

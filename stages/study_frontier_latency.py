@@ -2,25 +2,20 @@
 each frontier depth and of the teacher, in one process (pipeline.evaluation.benchmark on untrained students:
 cost depends on shape only). Writes metrics/studies/frontier_latency.json."""
 
-import argparse
+import sys
 
 from pipeline import paths
 from pipeline import studies as S
-from pipeline.config import load
 from pipeline.metrics_io import write_json
-from pipeline.studies import config as study_config
 from pipeline.studies.frontier import latency
+from pipeline.study_stage import study_stage
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--studies", default=str(S.STUDY_PARAMS))
-    args = ap.parse_args(argv)
-    cfg = load(args.params)
-    f = study_config.load(cfg, args.studies).frontier
-    write_json(S.FRONTIER_LATENCY, latency(cfg, f.depths, foundation=paths.BACKBONE, teacher=paths.TEACHER))
+@study_stage(__doc__, kind="model")
+def main(args, cfg, study):
+    write_json(S.FRONTIER_LATENCY, latency(cfg, study.frontier.depths, foundation=paths.BACKBONE,
+                                           teacher=paths.TEACHER))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

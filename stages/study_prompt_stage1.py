@@ -4,23 +4,17 @@ level's stage 2 at that seed (pipeline/studies/prompt_quality.py).
     python -m stages.study_prompt_stage1 SEED    # -> models/studies/prompt_quality/stage1/sSEED
 """
 
-import argparse
+import sys
 
 from pipeline import paths
 from pipeline import studies as S
-from pipeline.config import load
-from pipeline.studies import config as study_config
+from pipeline.entry import arg
 from pipeline.studies.prompt_quality import train_stage1
+from pipeline.study_stage import study_stage
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("seed", type=int)
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--studies", default=str(S.STUDY_PARAMS))
-    args = ap.parse_args(argv)
-    cfg = load(args.params)
-    study_config.load(cfg, args.studies)
+@study_stage(__doc__, arg("seed", type=int), kind="model")
+def main(args, cfg, study):
     m = train_stage1(cfg, args.seed, foundation=paths.BACKBONE, teacher=paths.TEACHER, encoded=paths.ENCODED,
                      out=S.PROMPT_STAGE1 / f"s{args.seed}", work_dir=S.PROMPT_CHECKPOINTS / f"stage1-s{args.seed}",
                      # full's stage 1 at this seed as the main pipeline trained it: taken when the key matches
@@ -29,4 +23,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

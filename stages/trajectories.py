@@ -3,21 +3,19 @@ masked image) and keeps points of its trajectory for stage 2 with ``distill.stag
 (pipeline/distill/trajectories.py). -> data/trajectories, metrics/trajectories.json
 """
 
-import argparse
+import sys
 
 from pipeline import paths
-from pipeline.config import load
 from pipeline.data.encode import joined
 from pipeline.distill.trajectories import SPLIT, write_trajectories
+from pipeline.entry import stage
 from pipeline.metrics_io import write_json
 from pipeline.runtime import runtime
 from pipeline.timing import stopwatch
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--params", default="params.yaml")
-    cfg = load(ap.parse_args(argv).params)
+@stage(__doc__, kind="model")
+def main(args, cfg):
     rt = runtime(cfg)
     df = joined(paths.TRIPLETS, paths.CAPTIONS)
     with stopwatch(rt.device) as t:
@@ -28,4 +26,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

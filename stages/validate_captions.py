@@ -3,17 +3,15 @@
 import sys
 
 from pipeline import paths
-from pipeline.validation.cli import gate_main
+from pipeline.entry import arg
+from pipeline.validation.cli import gate
 from pipeline.validation.gates import captions_gate
 
 
-def _args(ap):
-    ap.add_argument("--captions", default=str(paths.CAPTIONS / "captions.parquet"))
-    ap.add_argument("--manifest", default=str(paths.TRIPLETS / "manifest.parquet"))
-
-
-def main(argv=None) -> int:
-    return gate_main("captions", _args, lambda a, cfg, g: captions_gate(a.captions, a.manifest, g, a.out_dir), argv)
+@gate("captions", __doc__, arg("--captions", default=str(paths.CAPTIONS / "captions.parquet")),
+      arg("--manifest", default=str(paths.TRIPLETS / "manifest.parquet")))
+def main(args, cfg):
+    return captions_gate(args.captions, args.manifest, cfg.gates, args.out_dir)
 
 
 if __name__ == "__main__":

@@ -3,18 +3,15 @@
 import sys
 
 from pipeline import paths
-from pipeline.validation.cli import gate_main
+from pipeline.entry import arg
+from pipeline.validation.cli import gate
 from pipeline.validation.gates import encoded_gate
 
 
-def _args(ap):
-    ap.add_argument("--encoded", default=str(paths.ENCODED))
-    ap.add_argument("--manifest", default=str(paths.TRIPLETS / "manifest.parquet"))
-
-
-def main(argv=None) -> int:
-    return gate_main("encoded", _args, lambda a, cfg, g: encoded_gate(a.encoded, a.manifest, g, a.out_dir,
-                                                                   condition=cfg.condition), argv)
+@gate("encoded", __doc__, arg("--encoded", default=str(paths.ENCODED)),
+      arg("--manifest", default=str(paths.TRIPLETS / "manifest.parquet")))
+def main(args, cfg):
+    return encoded_gate(args.encoded, args.manifest, cfg.gates, args.out_dir, condition=cfg.condition)
 
 
 if __name__ == "__main__":

@@ -3,15 +3,14 @@
 import sys
 
 from pipeline import paths
-from pipeline.validation.cli import gate_main
+from pipeline.entry import arg
+from pipeline.validation.cli import gate
 from pipeline.validation.gates import triplets_gate
 
 
-def main(argv=None) -> int:
-    return gate_main(
-        "triplets",
-        lambda ap: ap.add_argument("--manifest", default=str(paths.TRIPLETS / "manifest.parquet")),
-        lambda a, cfg, g: triplets_gate(a.manifest, g, cfg.data.image_size, a.out_dir), argv)
+@gate("triplets", __doc__, arg("--manifest", default=str(paths.TRIPLETS / "manifest.parquet")))
+def main(args, cfg):
+    return triplets_gate(args.manifest, cfg.gates, cfg.data.image_size, args.out_dir)
 
 
 if __name__ == "__main__":

@@ -65,10 +65,10 @@ def ensure_outputs(ws: Path) -> Path:
 
     with inside(ws):
         if not (ws / "metrics/eval/student.json").exists():
-            evaluate.main([])
+            assert evaluate.main([]) == 0
         for variant, seed in (("full", 0), ("full", 1), ("from_scratch", 0), ("from_scratch", 1)):
             if not (ws / f"metrics/ablations/{variant}-s{seed}.json").exists():
-                ablate.main([variant, str(seed)])
+                assert ablate.main([variant, str(seed)]) == 0
         if not (ws / "metrics/benchmark.json").exists():
-            benchmark.main([])
+            assert benchmark.main([]) == 0
     return ws

@@ -86,15 +86,10 @@ def run_model_stages(ws: Path) -> None:
     from stages import ablate, benchmark, distill, encode, encode_benchmark, evaluate, trajectories, validate_teacher
 
     with contextlib.chdir(ws):
-        encode.main([])
-        validate_teacher.main([])
-        trajectories.main([])
-        distill.main(["stage1"])
-        distill.main(["stage2"])
-        evaluate.main([])
-        ablate.main(["full", "1"])
-        benchmark.main([])
-        assert encode_benchmark.main([]) == 0
+        for stage, argv in ((encode, []), (validate_teacher, []), (trajectories, []), (distill, ["stage1"]),
+                            (distill, ["stage2"]), (evaluate, []), (ablate, ["full", "1"]), (benchmark, []),
+                            (encode_benchmark, [])):
+            assert stage.main(argv) == 0, stage.main.name
 
 
 def test_every_model_stage_runs_on_the_policy_device_and_dtype(workspace_factory, monkeypatch):
@@ -120,8 +115,7 @@ def test_default_policy_changes_no_output(micro_world, workspace_factory):
 
     ws = workspace_factory("default", {})
     with contextlib.chdir(ws):
-        encode.main([])
-        distill.main(["stage1"])
+        assert encode.main([]) == 0 and distill.main(["stage1"]) == 0
     for split in ("labelled", "unlabelled", "val", "test"):
         ids, got = load_split(ws / "data/encoded", split)
         ref_ids, ref = load_split(micro_world["encoded"], split)

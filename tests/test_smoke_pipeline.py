@@ -83,24 +83,60 @@ def test_stock_pipeline_loads_backbone_with_teacher_and_student(smoke):
         assert out.size == (size, size)
 
 
+def _dvc(ws, *args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # stages' python
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=ws, capture_output=True, text=True, check=True,
+                          env=env)
+
+
+def _changed(ws) -> set[str]:
+    return {name.split("@")[0] for name in json.loads(_dvc(ws, "status", "--json", "dvc.yaml").stdout)}
+
+
+def _ran(out: str) -> set[str]:
+    return {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+
+
+def test_docstring_and_comment_edits_rerun_no_stage(smoke):
+    """A docstring in pipeline/config.py (every stage's closure) and one in a distill module, and a comment:
+    only the code-digest stage is out of date, and `dvc repro` reruns it alone."""
+    ws, _, _ = smoke
+    edits = {ws / "pipeline/config.py": ('"""', '"""Edited. '), ws / "pipeline/distill/losses.py": ("\n", "\n# edited\n")}
+    before = {p: p.read_text() for p in edits}
+    try:
+        for p, (old, new) in edits.items():
+            p.write_text(before[p].replace(old, new, 1))
+        assert _changed(ws) == {"code_digests"}
+        assert _ran(_dvc(ws, "repro", "dvc.yaml").stdout) == {"code_digests"}
+        assert _changed(ws) == set()
+    finally:
+        for p, text in before.items():
+            p.write_text(text)
+        _dvc(ws, "repro", "code_digests")
+    assert _changed(ws) == set()
+
+
 @pytest.mark.parametrize("module", ["pipeline/models/inpaint.py", "pipeline/models/mapping.py",
                                     "pipeline/distill/losses.py", "pipeline/validation/gx.py"])
-def test_editing_a_module_reruns_exactly_the_stages_that_import_it(smoke, module):
-    from pipeline.dvcgen import import_closure
+def test_a_code_edit_reruns_exactly_the_stages_whose_closure_holds_it(smoke, module):
+    from pipeline.closure import import_closure
 
     ws, _, _ = smoke
     path = ws / module
     before = path.read_text()
-    path.write_text(before + "\n# edited\n")
+    path.write_text(before + "\nEDITED = 1\n")
     try:
-        out = subprocess.run([sys.executable, "-m", "dvc", "status", "--json", "dvc.yaml"], cwd=ws,
-                             capture_output=True, text=True, check=True)
+        assert _changed(ws) == {"code_digests"}     # DVC sees the code; the digests say which stages it reaches
+        _dvc(ws, "repro", "code_digests")
+        changed = _changed(ws)
     finally:
         path.write_text(before)
-    changed = {name.split("@")[0] for name in json.loads(out.stdout)}
+        _dvc(ws, "repro", "code_digests")
     spec = __import__("yaml").safe_load((ws / "dvc.yaml").read_text())["stages"]
-    importers = {name for name, st in spec.items() if module in import_closure(st["cmd"].split()[2], ws)}
+    importers = {name for name, st in spec.items()
+                 if name != "code_digests" and module in import_closure(st["cmd"].split()[2], ws)}
     assert importers and changed == importers
+    assert _changed(ws) == set()
 
 
 def test_documented_sweep_runs_as_a_dvc_experiment(smoke):

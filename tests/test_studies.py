@@ -1,6 +1,8 @@
-"""pipeline/studies: the compression frontier's params, run configs, statistics, knee and report."""
+"""pipeline/studies: the compression frontier's params, run configs, statistics, knee and report; the
+studies' run stages never import report code."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -8,10 +10,12 @@ import pytest
 import yaml
 
 from pipeline import studies as S
+from pipeline.closure import import_closure
 from pipeline.config import ConfigError
 from pipeline.distill.ablation import is_headline, variant_config
 from pipeline.studies import config as sc
 from pipeline.studies import frontier as F
+from pipeline.studies import frontier_report as FR
 from tests.params import REPO, config
 
 
@@ -68,9 +72,9 @@ def test_runs_are_variants_of_the_config_and_the_headline_is_reused():
 
 def test_knee_is_the_smallest_depth_without_a_significant_loss_down_from_the_reference():
     ok, bad = {"ci_high": 0.1}, {"ci_high": -0.1}
-    assert F.knee({15: bad, 10: ok, 8: ok, 6: bad, 4: ok}, 12) == 8      # 4 is below a significant loss
-    assert F.knee({10: bad, 8: ok}, 12) == 12
-    assert F.knee({}, 12) == 12
+    assert FR.knee({15: bad, 10: ok, 8: ok, 6: bad, 4: ok}, 12) == 8      # 4 is below a significant loss
+    assert FR.knee({10: bad, 8: ok}, 12) == 12
+    assert FR.knee({}, 12) == 12
 
 
 def _write_tables(tmp_path, depths, seeds, drop):
@@ -100,7 +104,7 @@ def test_aggregate_knee_report_and_plot(tmp_path):
     depths, seeds = [15, 12, 10, 8, 6, 4], [0, 1, 2]
     drop = {15: -0.1, 12: 0.0, 10: 0.0, 8: 0.01, 6: 1.0, 4: 2.5}
     _write_tables(tmp_path, depths, seeds, drop)
-    summary = F.aggregate(tmp_path, depths, seeds, [True, False], 12, _latency(depths))
+    summary = FR.aggregate(tmp_path, depths, seeds, [True, False], 12, _latency(depths))
     row = summary["depths"]["6"]
     assert row["af"]["n_seeds"] == 3 and row["af"]["n_images"] == 40
     assert row["af"]["psnr"]["ci_low"] < row["af"]["psnr"]["mean"] < row["af"]["psnr"]["ci_high"]
@@ -110,20 +114,20 @@ def test_aggregate_knee_report_and_plot(tmp_path):
     assert summary["knee"]["af"]["depth"] in (8, 10)
     assert summary["knee"]["af"]["step_ms"] == pytest.approx(10 + summary["knee"]["af"]["depth"] / 2.3)
     assert set(summary["depths"]["12"]) >= {"af", "no_af", "latency", "af_minus_no_af"}
-    png = F.plot(summary, tmp_path / "fig" / "frontier_depth.png")
+    png = FR.plot(summary, tmp_path / "fig" / "frontier_depth.png")
     assert png.stat().st_size > 0
-    md = F.markdown(summary, "studies/frontier_depth.png")
+    md = FR.markdown(summary, "studies/frontier_depth.png")
     assert "Knee" in md and "| 6 | af |" in md and "frontier_depth.png" in md
 
 
 def test_aggregate_with_missing_runs_and_mismatched_images(tmp_path):
     _write_tables(tmp_path, [12, 6], [0], {12: 0.0, 6: 1.0})
-    s = F.aggregate(tmp_path, [12, 6], [0, 1], [True, False], 12, None)
+    s = FR.aggregate(tmp_path, [12, 6], [0, 1], [True, False], 12, None)
     assert s["depths"]["6"]["af"]["seeds"] == [0]
     df = pd.read_csv(tmp_path / f"{F.run_name(6, True, 0)}.csv")
     df.iloc[:-1].to_csv(tmp_path / f"{F.run_name(6, True, 1)}.csv", index=False)
     with pytest.raises(ValueError, match="other test images"):
-        F.aggregate(tmp_path, [12, 6], [0, 1], [True], 12, None)
+        FR.aggregate(tmp_path, [12, 6], [0, 1], [True], 12, None)
 
 
 def test_smoke_workspace_gets_the_studies_pipeline_with_smoke_values(tmp_path):
@@ -136,12 +140,10 @@ def test_smoke_workspace_gets_the_studies_pipeline_with_smoke_values(tmp_path):
 
 
 def test_frontier_answer_states_the_knee_and_where_l_af_pays(tmp_path):
-    from pipeline.studies.report import frontier_answer
-
     depths, seeds = [15, 12, 10, 8, 6, 4], [0, 1, 2]
     _write_tables(tmp_path, depths, seeds, {15: -0.1, 12: 0.0, 10: 0.0, 8: 0.01, 6: 1.0, 4: 2.5})
-    s = F.aggregate(tmp_path, depths, seeds, [True, False], 12, _latency(depths))
-    text = frontier_answer(s)
+    s = FR.aggregate(tmp_path, depths, seeds, [True, False], 12, _latency(depths))
+    text = FR.answer(s)
     k = s["knee"]["af"]["depth"]
     assert f"the knee is **{k} layers**" in text and "6 layers -1.0" in text
     assert "L_af (paired, same seeds) helps significantly at depths" in text and "teacher's" in text
@@ -169,3 +171,40 @@ def test_studies_report_builds_every_section_from_what_exists(tmp_path, monkeypa
     assert flat["frontier_knee_af"] == 12 and flat["frontier_d6_af_psnr"] < flat["frontier_d12_af_psnr"]
     assert all(isinstance(v, (int, float)) for v in flat.values())
     assert (tmp_path / S.STUDIES_FIGURES / "frontier_depth.png").exists() and not (tmp_path / P.PER_IMAGE).exists()
+
+
+# ------------------------------------------------------------------------------- run code vs report code
+
+RUN_STAGES = sorted(p.stem for p in (REPO / "stages").glob("study_*.py"))
+
+
+def _report_side(f: str) -> bool:
+    """Report code: pipeline/reporting/* and every pipeline/studies module named *report* (the studies'
+    statistics, wording, figures)."""
+    return f.startswith("pipeline/reporting/") or (f.startswith("pipeline/studies/") and "report" in Path(f).stem)
+
+
+@pytest.mark.parametrize("stage", RUN_STAGES)
+def test_run_stages_never_import_report_code(stage):
+    """A stage's code deps are its import closure: report code in it would rerun training on a wording edit."""
+    closure = import_closure(f"stages.{stage}")
+    assert f"stages/{stage}.py" in closure
+    assert [f for f in closure if _report_side(f)] == []
+
+
+def test_the_report_stage_reads_the_studies_through_the_report_modules():
+    assert {"study_frontier", "study_frontier_latency", "study_prompt", "study_edges_student"} <= set(RUN_STAGES)
+    closure = set(import_closure("stages.studies_report"))
+    assert {f"pipeline/studies/{m}.py" for m in ("report", "frontier_report", "prompt_quality_report",
+                                                 "edges_report", "report_stats", "report_format")} <= closure
+    assert "pipeline/reporting/figures.py" in closure            # the one figure tail
+
+
+def test_one_rule_says_where_a_ci_lies_for_every_report():
+    from pipeline.evaluation.stats import ci_side, verdict
+
+    ci = lambda lo, hi, mean=0.0: {"mean": mean, "ci_low": lo, "ci_high": hi}  # noqa: E731
+    assert [ci_side(ci(0.1, 0.3)), ci_side(ci(-0.3, -0.1)), ci_side(ci(-0.1, 0.1))] == [1, -1, 0]
+    nan = float("nan")
+    assert {ci_side(None), ci_side({}), ci_side(ci(nan, nan)), ci_side(ci(0.1, 0.3, nan))} == {None}
+    assert verdict(ci(-0.3, -0.1), "negative") == "reproduced" and verdict(ci(nan, nan)) == "not significant"

@@ -207,9 +207,14 @@ def test_edges_study_path_on_the_micro_world(micro_world, tmp_path):
 EDGES_STAGES = ("edges_teacher", "edges_encode", "edges_evaluate", "edges_student")
 
 
+def _data(deps) -> set[str]:
+    """A stage's data deps: all but its code dep (digests/stages.<module>.json, pipeline.closure)."""
+    return {d for d in deps if not d.startswith("digests/")}
+
+
 def test_edges_stages_read_their_own_teacher_and_data_only():
-    from pipeline import dvcgen
     from pipeline import paths as P
+    from pipeline.closure import digest_file, import_closure
 
     stages = yaml.safe_load((REPO / "studies" / "dvc.yaml").read_text())["stages"]
     assert set(EDGES_STAGES) <= set(stages)
@@ -217,12 +222,13 @@ def test_edges_stages_read_their_own_teacher_and_data_only():
                                   P.STUDENT_STAGE1, P.EVAL_REFERENCE, P.ABLATION_STAGE1, P.CHECKPOINTS)}
     for name in EDGES_STAGES:
         st = stages[name]
-        data = {d for d in st["deps"] if not d.endswith(".py")}
+        module = st["cmd"].split()[2]
+        data = _data(st["deps"])
         assert not data & main_only, (name, data & main_only)
         assert not any(d.startswith(("data/trajectories", "checkpoints/")) for d in data), name
-        assert {d for d in st["deps"] if d.endswith(".py")} == set(dvcgen.import_closure(st["cmd"].split()[2]))
-        assert "pipeline/studies/edges_report.py" not in st["deps"]      # editing the report retrains nothing
-    assert set(d for d in stages["edges_teacher"]["deps"] if not d.endswith(".py")) == {"data/scenes", "models/backbone"}
+        assert set(st["deps"]) - data == {str(digest_file(module))}          # its code: its closure's digest
+        assert "pipeline/studies/edges_report.py" not in import_closure(module)  # a report edit retrains nothing
+    assert _data(stages["edges_teacher"]["deps"]) == {"data/scenes", "models/backbone"}
     student = stages["edges_student"]
     assert student["cmd"] == "python -m stages.study_edges_student ${item.seed}"
     assert student["matrix"] == {"seed": "${edges.seeds}"}

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pipeline.studies import prompt_quality as Q
+from pipeline.studies import prompt_quality_report as QR
 from pipeline.studies.config import prompt_level
 from tests.conftest import micro_config
 
@@ -85,7 +86,7 @@ def _tables(tmp_path, shift: dict[str, float], seeds=(0, 1), n=40):
 
 def test_aggregate_pairs_each_level_with_the_pseudo_labeller_s_prompts(tmp_path):
     runs, per = _tables(tmp_path, {"noise0": 0.0, "noise100": -0.5, "empty": 0.0})
-    s = Q.aggregate(runs, per, ["noise0", "noise100", "empty"], [0, 1])
+    s = QR.aggregate(runs, per, ["noise0", "noise100", "empty"], [0, 1])
     lv = s["levels"]
     assert lv["noise0"]["seeds"] == [0, 1] and "minus_reference" not in lv["noise0"]
     d = lv["noise100"]["minus_reference"]["psnr"]
@@ -93,7 +94,7 @@ def test_aggregate_pairs_each_level_with_the_pseudo_labeller_s_prompts(tmp_path)
     e = lv["empty"]["minus_reference"]["psnr"]
     assert e["ci_low"] <= 0 <= e["ci_high"]
     assert lv["empty"]["diverged"] == 2 and lv["noise0"]["diverged"] == 0
-    md = Q.markdown(s, "studies/prompt_quality.png")
+    md = QR.markdown(s, "studies/prompt_quality.png")
     assert "noise100: -0.5" in md and "(worse)" in md and "empty: " in md and "(not significant)" in md
     assert "2 of 6 stage-2 runs diverged" in md
 

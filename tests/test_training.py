@@ -4,6 +4,7 @@ checkpoints, dying with the parent, EMA. The distillation stages' own runs are i
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -14,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers.training_utils import EMAModel
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from pipeline.config import TrainLoop
-from pipeline.training import Loop, _hash_tensor
+from pipeline.training import Loop, _claim, _hash_tensor
 
 from tests.params import REPO  # noqa: E402
 
@@ -229,6 +230,45 @@ def test_corrupt_last_checkpoint_is_set_aside_and_the_previous_one_used(tmp_path
     assert_same(final(lp), final(full))
 
 
+def checkpoint(root: Path, step: int, readable: bool = True) -> Path:
+    """A complete checkpoint folder as _save leaves it (weights and DONE), or one with truncated weights."""
+    ck = root / f"step-{step:08d}"
+    ck.mkdir(parents=True)
+    save_file({"w": torch.full((4,), float(step))}, str(ck / "model.safetensors"))
+    if not readable:
+        (ck / "model.safetensors").write_bytes((ck / "model.safetensors").read_bytes()[:20])
+    (ck / "DONE").write_text(json.dumps({"step": step}))
+    return ck
+
+
+def test_claim_sets_aside_an_unreadable_newest_and_claims_the_previous(tmp_path, capfd):
+    root = tmp_path / "ck"
+    root.mkdir()
+    (root / "FINGERPRINT").write_text("k")
+    two = checkpoint(root, 2)
+    for step in (4, 5, 9):
+        checkpoint(root, step, readable=False)
+    assert _claim(root, "k", 6) == (two, False)
+    assert sorted(p.name for p in root.iterdir()) == [
+        "FINGERPRINT", "step-00000002", "step-00000004.corrupt", "step-00000005.corrupt", "step-00000009"]
+    assert "step-00000005.corrupt" in capfd.readouterr().err
+    assert (root / "step-00000009" / "model.safetensors").stat().st_size == 20  # a longer run's: not touched
+    assert _claim(root, "k", 6) == (two, False)  # claiming again changes nothing
+
+
+def test_claim_does_not_claim_another_keys_checkpoints(tmp_path):
+    root = tmp_path / "ck"
+    root.mkdir()
+    (root / "FINGERPRINT").write_text("other")
+    checkpoint(root, 2)
+    assert _claim(root, "k", 6) == (None, True)  # removed, not resumed
+    assert sorted(p.name for p in root.iterdir()) == ["FINGERPRINT"] and (root / "FINGERPRINT").read_text() == "k"
+    unmarked = tmp_path / "unmarked"
+    checkpoint(unmarked, 2)
+    assert _claim(unmarked, "k", 6) == (None, True)  # no key: nobody's
+    assert _claim(tmp_path / "new", "k", 6) == (None, False) and (tmp_path / "new" / "FINGERPRINT").read_text() == "k"
+
+
 def test_corrupt_only_checkpoint_starts_afresh(tmp_path):
     loop(tmp_path / "ck", max_steps_this_run=2).run()
     (tmp_path / "ck" / "step-00000002" / "model.safetensors").write_bytes(b"\0" * 100)
@@ -344,15 +384,22 @@ def test_ema_resume_equals_uninterrupted(tmp_path):
     assert_same(final(full), final(resumed))
 
 
-def test_key_changes_with_the_project_code(monkeypatch):
-    """A stage DVC reruns because its code changed must not resume the old code's checkpoints."""
-    from pipeline import training
+def test_key_changes_with_the_project_code_not_its_comments(monkeypatch):
+    """A stage DVC reruns because its code changed must not resume the old code's checkpoints; a comment or
+    docstring edit (which reruns no stage) keeps them."""
+    from pipeline import closure, training
 
     before = training.code_digest()
-    src = Path(training.__file__)
-    real = Path.read_bytes
-    monkeypatch.setattr(Path, "read_bytes", lambda p: real(p) + (b"# edited" if p == src.resolve() else b""))
-    assert training.code_digest() != before
+    src = Path(training.__file__).resolve()
+    real = Path.read_text
+
+    def digest_with(suffix: str) -> str:
+        monkeypatch.setattr(Path, "read_text", lambda p, *a, **k: real(p, *a, **k) + (suffix if p.resolve() == src else ""))
+        monkeypatch.setattr(closure, "_MEMO", {})   # the file's mtime did not change
+        return training.code_digest()
+
+    assert digest_with("\n# a comment\n") == before
+    assert digest_with("\nEDITED = 1\n") != before
 
 
 def test_reported_seconds_are_the_time_spent_training(tmp_path):

@@ -1,9 +1,10 @@
 """Paired comparisons a reviewer can trust: per-image differences between two models evaluated on the
-same test images with the same noise, their mean and a bootstrap confidence interval (scipy), and a
-verdict on an expected ordering."""
+same test images with the same noise, their mean and a bootstrap confidence interval (scipy), where that
+interval lies against 0 (ci_side), and a verdict on an expected ordering."""
 
 from __future__ import annotations
 
+import math
 from typing import Literal, Sequence
 
 import numpy as np
@@ -31,13 +32,22 @@ def paired_difference(a: Sequence[float], b: Sequence[float], *, level: float = 
     return {"mean": mean, "ci_low": low, "ci_high": high, "n": int(len(d)), "level": level}
 
 
+def ci_side(diff: dict | None) -> int | None:
+    """Where a CI (``paired_difference``'s dict) lies against 0: 1 above it, -1 below it, 0 when it holds 0;
+    None when there is no CI to judge (no dict, no finite mean, or a non-finite bound). The one rule every
+    report's verdict words stand on."""
+    if not diff or diff.get("mean") is None or not math.isfinite(diff["mean"]):
+        return None
+    low, high = diff["ci_low"], diff["ci_high"]
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return None
+    return 1 if low > 0 else -1 if high < 0 else 0
+
+
 def verdict(diff: dict, expected: Literal["positive", "negative"] = "positive") -> Verdict:
     """Whether an expected sign of a paired difference is reproduced (the CI excludes 0 on that side),
-    not significant (the CI holds 0), or reversed (the CI excludes 0 on the other side)."""
-    sign = 1 if expected == "positive" else -1
-    low, high = sorted((sign * diff["ci_low"], sign * diff["ci_high"]))
-    if low > 0:
-        return "reproduced"
-    if high < 0:
-        return "reversed"
-    return "not significant"
+    not significant (the CI holds 0, or cannot be judged), or reversed (the CI excludes 0 on the other side)."""
+    side = ci_side(diff)
+    if not side:
+        return "not significant"
+    return "reproduced" if side == (1 if expected == "positive" else -1) else "reversed"

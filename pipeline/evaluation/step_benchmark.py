@@ -28,6 +28,7 @@ import copy
 import os
 import statistics
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,7 +36,7 @@ from accelerate import Accelerator
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.config import Config, StepBenchmarkConfig
-from pipeline.distill.trainer import build_student, place_frozen, stage_data, student_and_loss
+from pipeline.distill.trainer import StageData, build_student, place_frozen, stage_data, student_and_loss
 from pipeline.models import flow
 from pipeline.models.controlled import Controlled
 from pipeline.models.mapping import STUDENT_CONVENTION
@@ -126,59 +127,110 @@ def run_step_benchmark(cfg: Config, bcfg: StepBenchmarkConfig, *, foundation: Pa
 
 
 def _run(cfg: Config, bcfg: StepBenchmarkConfig, foundation: Path, teacher: Path, encoded: Path) -> dict:
+    """The benchmark in the threads set: the arms built, their FLOPs counted, their steps timed, the matmul
+    ceiling measured; the compiled arm's figures once the eager ones are known."""
     load_before = os.getloadavg()
+    s = _setup(cfg, bcfg, foundation, teacher, encoded)
+    arms = _eager_arms(cfg, s)
+    flops = {name: arm.flops() for name, arm in arms.items()}
+    compiled, first_steps = _add_compiled_arm(cfg, bcfg, s, arms)
+    times = _time_arms(arms, bcfg, s.acc.device)
+    ms = {k: 1000 * statistics.median(v) for k, v in times.items()}
+    ceilings, shape = _ceilings(cfg, bcfg, s)
+    out = {**_step_figures(flops, ms, times, ceilings["ceiling_gflops_per_s"]), **ceilings,
+           "step_ms_rounds": {k: [1000 * t for t in v] for k, v in times.items()}, "compile": compiled,
+           "batch_size": bcfg.batch_size, "warmup": bcfg.warmup, "repeats": bcfg.repeats,
+           "threads": torch.get_num_threads(), "device": str(s.acc.device),
+           "mixed_precision": cfg.distill.mixed_precision, "gradient_checkpointing": cfg.distill.gradient_checkpointing,
+           **shape, "backbone_blocks": len(s.backbone.transformer_blocks),
+           "teacher_layers": s.teacher.config.num_layers, "student_layers": arms["distill"].model.config.num_layers,
+           "probe_seconds": {k: a.probe_seconds for k, a in arms.items()},
+           "load_average_before": list(load_before), "load_average_after": list(os.getloadavg())}
+    if "compiled" in arms:
+        probe_extra = compiled.pop("probe_seconds") - arms["distill"].probe_seconds
+        compiled.update(_compile_figures(cfg, ms, probe_extra, first_steps))
+    return out
+
+
+@dataclass
+class _Setup:
+    """What every arm shares: the accelerator, the frozen backbone and teacher (placed on its device), the
+    empty prompt's embeddings (prompt dropout; None without), stage 1's data and the one batch every step
+    trains on."""
+
+    acc: Accelerator
+    backbone: torch.nn.Module
+    teacher: torch.nn.Module
+    empty: dict | None
+    data: StageData
+    batch: dict[str, torch.Tensor]
+
+
+def _setup(cfg: Config, bcfg: StepBenchmarkConfig, foundation: Path, teacher: Path, encoded: Path) -> _Setup:
+    """The models loaded as pipeline.distill.trainer.distill loads them (T5 only to embed the empty prompt),
+    then placed; the batch: step 0's ``batch_size`` rows (batch_indices)."""
     rt = runtime(cfg)
     if rt.device.type == "cuda" and rt.device.index is not None:
         torch.cuda.set_device(rt.device)  # accelerate trains on the current CUDA device
     acc = Accelerator(mixed_precision=cfg.distill.accelerate_precision, cpu=rt.device.type == "cpu")
-    device = acc.device
     dropout = cfg.distill.prompt_dropout > 0
-    # loaded as pipeline.distill.trainer.distill loads them (T5 only to embed the empty prompt), then placed
     pipe = load_foundation(foundation, rt.dtype, with_t5=None if dropout else False)
     empty = empty_prompt(pipe, cfg.text.max_sequence_length) if dropout else None
-    backbone = pipe.transformer
     teacher_model = load_controlnet(teacher, rt.dtype, condition=cfg.condition)
-    place_frozen(cfg, device, backbone, teacher_model)
-
+    place_frozen(cfg, acc.device, pipe.transformer, teacher_model)
     data = stage_data(encoded, STAGE, cfg.distill.stage1.prompt, condition=cfg.condition)
     idx = batch_indices(len(data), bcfg.batch_size, cfg.seed, 0)
-    batch = {k: v.to(device) for k, v in data.batch(idx).items()}
+    batch = {k: v.to(acc.device) for k, v in data.batch(idx).items()}
+    return _Setup(acc, pipe.transformer, teacher_model, empty, data, batch)
 
-    def distill_arm(name: str, compile_: list[str]) -> Arm:
-        # compiling is in place (pipeline.distill.trainer.compile_blocks): that arm gets its own frozen copies
-        bb, te = (copy.deepcopy(backbone), copy.deepcopy(teacher_model)) if compile_ else (backbone, teacher_model)
-        student, loss_fn = student_and_loss(cfg, STAGE, bb, te, empty=empty, compile=compile_)
-        return Arm(name, acc, cfg, student, loss_fn, data, batch)
 
-    plain_student = build_student(cfg, backbone, None)  # the same initial weights as the distill arm's
+def _distill_arm(cfg: Config, s: _Setup, name: str, compile_: list[str]) -> Arm:
+    """The stage-1 step as training builds it; ``compile_``: the modules DistillLoss compiles. Compiling is in
+    place (pipeline.distill.trainer.compile_blocks): such an arm gets its own copies of the frozen models."""
+    bb, te = (copy.deepcopy(s.backbone), copy.deepcopy(s.teacher)) if compile_ else (s.backbone, s.teacher)
+    student, loss_fn = student_and_loss(cfg, STAGE, bb, te, empty=s.empty, compile=compile_)
+    return Arm(name, s.acc, cfg, student, loss_fn, s.data, s.batch)
+
+
+def _eager_arms(cfg: Config, s: _Setup) -> dict[str, Arm]:
+    """The ``distill`` and ``plain`` arms, their students starting from the same initial weights."""
+    plain_student = build_student(cfg, s.backbone, None)
     if cfg.distill.gradient_checkpointing:
         plain_student.enable_gradient_checkpointing()
-    arms = {"distill": distill_arm("distill", []),
-            "plain": Arm("plain", acc, cfg, plain_student, PlainControlNetLoss(cfg, backbone, plain_student), data,
-                         batch)}
-    student = arms["distill"].model
+    return {"distill": _distill_arm(cfg, s, "distill", []),
+            "plain": Arm("plain", s.acc, cfg, plain_student, PlainControlNetLoss(cfg, s.backbone, plain_student),
+                         s.data, s.batch)}
 
-    flops = {name: arm.flops() for name, arm in arms.items()}
 
+def _add_compiled_arm(cfg: Config, bcfg: StepBenchmarkConfig, s: _Setup, arms: dict[str, Arm]
+                      ) -> tuple[dict, list[float]]:
+    """With ``step_benchmark.compile``: the compiled arm added to ``arms``, its first ``warmup`` steps (at
+    least one) timed. -> (the ``compile`` record so far: the modules, whether available, the seconds to build
+    the arm (``probe_seconds``) or the error; the first steps' seconds). Inductor failing here (it needs a C++
+    compiler etc.) is recorded, not raised; nothing asked: not measured."""
     compiled: dict = {"modules": list(bcfg.compile), "available": None}
     first_steps: list[float] = []
-    if bcfg.compile:
-        try:
-            with stopwatch(device) as build:
-                arms["compiled"] = distill_arm("compiled", sorted(bcfg.compile))
-            for r in range(max(1, bcfg.warmup)):
-                with stopwatch(device) as t:
-                    arms["compiled"].step(r)
-                first_steps.append(t.seconds)
-            compiled["available"] = True
-            compiled["probe_seconds"] = build.seconds
-        except Exception as exc:  # noqa: BLE001 - inductor needs a C++ compiler etc.; record why, fake nothing
-            arms.pop("compiled", None)
-            compiled.update(available=False, error=f"{type(exc).__name__}: {str(exc)[:800]}")
-    else:
-        compiled["available"] = None
+    if not bcfg.compile:
         compiled["error"] = "step_benchmark.compile is empty: not measured"
+        return compiled, first_steps
+    try:
+        with stopwatch(s.acc.device) as build:
+            arms["compiled"] = _distill_arm(cfg, s, "compiled", sorted(bcfg.compile))
+        for r in range(max(1, bcfg.warmup)):
+            with stopwatch(s.acc.device) as t:
+                arms["compiled"].step(r)
+            first_steps.append(t.seconds)
+        compiled["available"] = True
+        compiled["probe_seconds"] = build.seconds
+    except Exception as exc:  # noqa: BLE001 - record why, fake nothing
+        arms.pop("compiled", None)
+        compiled.update(available=False, error=f"{type(exc).__name__}: {str(exc)[:800]}")
+    return compiled, first_steps
 
+
+def _time_arms(arms: dict[str, Arm], bcfg: StepBenchmarkConfig, device) -> dict[str, list[float]]:
+    """``warmup`` untimed steps of each eager arm (the compiled arm's were its timed first steps), then
+    ``repeats`` rounds of one step per arm in alternating order -> each arm's seconds per round."""
     for name, arm in arms.items():
         if name != "compiled":
             for r in range(bcfg.warmup):
@@ -190,27 +242,41 @@ def _run(cfg: Config, bcfg: StepBenchmarkConfig, foundation: Path, teacher: Path
             with stopwatch(device) as t:
                 arms[name].step(bcfg.warmup + r)
             times[name].append(t.seconds)
-    ms = {k: 1000 * statistics.median(v) for k, v in times.items()}
+    return times
 
-    # the ceiling: a matmul of the model's width on the batch's tokens, in the compute dtype
-    width = backbone.config.num_attention_heads * backbone.config.attention_head_dim
-    patch = backbone.config.patch_size
-    image_tokens = (batch["latents"].shape[-2] // patch) * (batch["latents"].shape[-1] // patch)
-    tokens = image_tokens + batch["prompt_embeds"].shape[1]
+
+def _ceilings(cfg: Config, bcfg: StepBenchmarkConfig, s: _Setup) -> tuple[dict, dict]:
+    """The ceiling: GFLOP/s of a matmul of the model's width on the batch's tokens, in the compute dtype
+    (and of the MLP's, 4 x width, and a 1024^3 one) -> (those figures and shapes; the width, tokens and
+    compute dtype they came from)."""
+    config, latents = s.backbone.config, s.batch["latents"]
+    width = config.num_attention_heads * config.attention_head_dim
+    image_tokens = (latents.shape[-2] // config.patch_size) * (latents.shape[-1] // config.patch_size)
+    tokens = image_tokens + s.batch["prompt_embeds"].shape[1]
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.distill.mixed_precision]
-    if device.type == "cpu" and dtype == torch.float16:
+    if s.acc.device.type == "cpu" and dtype == torch.float16:
         dtype = torch.float32  # accelerate's CPU autocast is bf16 only
     m = bcfg.batch_size * tokens
-    ceiling = matmul_gflops(m, width, width, dtype, device, bcfg.warmup, bcfg.repeats)
-    ceiling_mlp = matmul_gflops(m, width, 4 * width, dtype, device, bcfg.warmup, bcfg.repeats)
-    peak_1024 = matmul_gflops(1024, 1024, 1024, dtype, device, bcfg.warmup, bcfg.repeats)
+    timing = (dtype, s.acc.device, bcfg.warmup, bcfg.repeats)
+    figures = {"ceiling_gflops_per_s": matmul_gflops(m, width, width, *timing), "ceiling_shape": [m, width, width],
+               "ceiling_mlp_gflops_per_s": matmul_gflops(m, width, 4 * width, *timing),
+               "ceiling_mlp_shape": [m, width, 4 * width],
+               "peak_1024_gflops_per_s": matmul_gflops(1024, 1024, 1024, *timing)}
+    return figures, {"compute_dtype": str(dtype).removeprefix("torch."), "width": width, "tokens": tokens,
+                     "image_tokens": image_tokens}
 
+
+def _step_figures(flops: dict[str, tuple[int, int]], ms: dict[str, float], times: dict[str, list[float]],
+                  ceiling: float) -> dict:
+    """The distill step against the plain one: median times and their ratio (and the median of the paired
+    rounds' ratios) next to the FLOP ratio; FLOPs of a step, of its forward, and of the teacher's forward
+    (the difference); GFLOP/s and their fraction of ``ceiling``."""
     def gflops(name: str) -> float:
         return flops[name][0] / (ms[name] / 1000) / 1e9
 
     time_ratio = ms["distill"] / ms["plain"]
     flop_ratio = flops["distill"][0] / flops["plain"][0]
-    out = {
+    return {
         "distill_step_ms": ms["distill"],
         "plain_step_ms": ms["plain"],
         "time_ratio": time_ratio,
@@ -225,47 +291,22 @@ def _run(cfg: Config, bcfg: StepBenchmarkConfig, foundation: Path, teacher: Path
         "teacher_forward_flops": flops["distill"][1] - flops["plain"][1],
         "distill_gflops_per_s": gflops("distill"),
         "plain_gflops_per_s": gflops("plain"),
-        "ceiling_gflops_per_s": ceiling,
-        "ceiling_shape": [m, width, width],
-        "ceiling_mlp_gflops_per_s": ceiling_mlp,
-        "ceiling_mlp_shape": [m, width, 4 * width],
-        "peak_1024_gflops_per_s": peak_1024,
         "distill_fraction_of_ceiling": gflops("distill") / ceiling,
         "plain_fraction_of_ceiling": gflops("plain") / ceiling,
-        "step_ms_rounds": {k: [1000 * t for t in v] for k, v in times.items()},
-        "compile": compiled,
-        "batch_size": bcfg.batch_size,
-        "warmup": bcfg.warmup,
-        "repeats": bcfg.repeats,
-        "threads": torch.get_num_threads(),
-        "device": str(device),
-        "compute_dtype": str(dtype).removeprefix("torch."),
-        "mixed_precision": cfg.distill.mixed_precision,
-        "gradient_checkpointing": cfg.distill.gradient_checkpointing,
-        "width": width,
-        "tokens": tokens,
-        "image_tokens": image_tokens,
-        "backbone_blocks": len(backbone.transformer_blocks),
-        "teacher_layers": teacher_model.config.num_layers,
-        "student_layers": student.config.num_layers,
-        "probe_seconds": {k: a.probe_seconds for k, a in arms.items()},
-        "load_average_before": list(load_before),
-        "load_average_after": list(os.getloadavg()),
     }
-    if "compiled" in arms:
-        c_ms, e_ms = ms["compiled"], ms["distill"]
-        # compile time: the probe's extra time plus each first step's time beyond the steady state
-        compile_s = (compiled.pop("probe_seconds") - arms["distill"].probe_seconds
-                     + sum(max(0.0, t - c_ms / 1000) for t in first_steps))
-        saved_per_step = (e_ms - c_ms) / 1000
-        s1, s2 = cfg.distill.stage1.train.steps, cfg.distill.stage2.train.steps
-        net = (s1 + s2) * saved_per_step - 2 * compile_s  # each stage is its own process: compiles again
-        compiled.update(
-            step_ms=c_ms, eager_step_ms=e_ms, speedup=e_ms / c_ms, compile_seconds=compile_s,
-            first_step_seconds=first_steps,
-            break_even_steps=compile_s / saved_per_step if saved_per_step > 0 else None,
-            budget_steps=[s1, s2],
-            net_seconds_saved_at_budget=net,
-            pays_at_budget=net > 0,
-        )
-    return out
+
+
+def _compile_figures(cfg: Config, ms: dict[str, float], probe_extra: float, first_steps: list[float]) -> dict:
+    """The compiled arm against the eager distill arm: steady-state step times and speedup; the compile
+    seconds: the probe's extra time (``probe_extra``) plus each first step's time beyond the steady state;
+    the steps to break even, and the net seconds saved at the configured budget (each stage is its own
+    process: it compiles again)."""
+    c_ms, e_ms = ms["compiled"], ms["distill"]
+    compile_s = probe_extra + sum(max(0.0, t - c_ms / 1000) for t in first_steps)
+    saved_per_step = (e_ms - c_ms) / 1000
+    s1, s2 = cfg.distill.stage1.train.steps, cfg.distill.stage2.train.steps
+    net = (s1 + s2) * saved_per_step - 2 * compile_s
+    return dict(step_ms=c_ms, eager_step_ms=e_ms, speedup=e_ms / c_ms, compile_seconds=compile_s,
+                first_step_seconds=first_steps,
+                break_even_steps=compile_s / saved_per_step if saved_per_step > 0 else None,
+                budget_steps=[s1, s2], net_seconds_saved_at_budget=net, pays_at_budget=net > 0)

@@ -40,6 +40,7 @@ import queue
 import re
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -249,103 +250,160 @@ def run_concurrently(
     ready stages by critical path; ``retune(stage, threads)`` changes a running stage's threads (default:
     its :func:`thread_file`). Returns the stages' results in DAG order; raises the first failure once the
     running stages have finished."""
-    log = run_logger()
     workspace = Path(workspace)
-    selected = {s.address for s in stages}
-    pending = list(stages)
-    finished: dict[str, dict] = {}
-    to_run: set[str] = set()         # asked: not up to date (or forced)
-    running: dict[str, dict] = {}    # address -> future, stage, base (launch) and extra (lent) threads
-    done: queue.Queue[str] = queue.Queue()
-    free = jobs
-    failure: BaseException | None = None
-    failed: list[str] = []
-    path = critical_path(stages, seconds or {})
     retune = retune or (lambda st, n: set_threads(thread_file(workspace, st.address), n))
+    return _Scheduler(stages, workspace, jobs, submit, force, exclusive, run_exclusive,
+                      critical_path(stages, seconds or {}), retune).run()
 
-    def ready() -> list[Stage]:
-        return [s for s in pending if all(u in finished or u not in selected for u in s.upstream)]
 
-    def finish(address: str, result: dict) -> None:
-        finished[address] = result
-        pending[:] = [s for s in pending if s.address != address]
+@dataclass
+class _Running:
+    """A launched stage: its future, and the threads it was launched with (``base``) and lent since (``extra``)."""
 
-    def lend(threads: int, address: str) -> None:
-        r = running[address]
-        r["extra"] += threads
-        log.info("'%s' now has %d threads", address, r["base"] + r["extra"])
-        retune(r["stage"], r["base"] + r["extra"])
+    future: Any
+    stage: Stage
+    base: int
+    extra: int = 0
 
-    while running or (pending and failure is None):
-        if failure is None:
-            # which of the ready stages need to run? (up-to-date ones finish now, which may ready others)
-            while True:
-                new = [s.address for s in ready() if s.address not in to_run]
-                if not new:
-                    break
-                if force:
-                    to_run.update(new)
-                    break
-                with dvc_lock(workspace):
-                    changed = changed_stages(new, workspace)
-                to_run.update(changed)
-                for address in new:
-                    if address not in changed:
-                        log.info("Stage '%s' didn't change, skipping", address)
-                        finish(address, {"stage": address, "skipped": True})
-            runnable = sorted((s for s in ready() if s.address in to_run and s.address not in running),
-                              key=lambda s: -path[s.address])   # stable: DAG order among equals
-            lone = [s for s in runnable if exclusive(s)]
-            if lone and not running:
-                stage = lone[0]
-                log.info("running '%s' alone (sharded / accelerate launch)", stage.address)
-                try:
-                    finish(stage.address, run_exclusive(stage))
-                except BaseException as exc:       # noqa: BLE001 -- reported below, after the others
-                    failure, failed = exc, [stage.address]
+
+class _Scheduler:
+    """:func:`run_concurrently`'s state: the stages not finished yet (``pending``), those known to need a run
+    (``to_run``: asked, or forced), the running ones, the threads free, the first failure."""
+
+    def __init__(self, stages: list[Stage], workspace: Path, jobs: int, submit: Callable[[Stage, int], Any],
+                 force: bool, exclusive: Callable[[Stage], bool], run_exclusive: Callable[[Stage], dict] | None,
+                 path: dict[str, float], retune: Callable[[Stage, int], None]):
+        self.log = run_logger()
+        self.stages, self.workspace, self.jobs, self.submit, self.force = stages, workspace, jobs, submit, force
+        self.exclusive, self.run_exclusive, self.path, self.retune = exclusive, run_exclusive, path, retune
+        self.selected = {s.address for s in stages}
+        self.pending = list(stages)
+        self.finished: dict[str, dict] = {}
+        self.to_run: set[str] = set()
+        self.running: dict[str, _Running] = {}
+        self.done: queue.Queue[str] = queue.Queue()  # addresses of the running stages that ended
+        self.free = jobs
+        self.failure: BaseException | None = None
+
+    def run(self) -> list[dict]:
+        """Schedule until every stage has finished, or, after a failure, the running ones have; -> the
+        results in DAG order. Raises the first failure, or RuntimeError when no stage can start."""
+        while self.running or (self.pending and self.failure is None):
+            if self.failure is None and self._schedule():
                 continue
-            if not lone and len(runnable) > free:  # take lent threads back, shortest path first
-                for address in sorted(running, key=lambda a: path[a]):
-                    if free >= len(runnable):
-                        break
-                    if running[address]["extra"]:
-                        free += running[address]["extra"]
-                        running[address]["extra"] = 0
-                        log.info("'%s' back to %d threads", address, running[address]["base"])
-                        retune(running[address]["stage"], running[address]["base"])
-            if not lone and runnable and free:
-                shares = allot(free, len(runnable))
-                for stage, threads in zip(runnable, shares):
-                    log.info("launching '%s' with %d of %d threads (%d running)", stage.address, threads,
-                             jobs, len(running))
-                    future = submit(stage, threads)
-                    running[stage.address] = {"future": future, "stage": stage, "base": threads, "extra": 0}
-                    future.add_done_callback(lambda _f, a=stage.address: done.put(a))
-                    free -= threads
-            if free and running and (lone or not runnable):  # idle threads: to the longest path running
-                lend(free, max(running, key=lambda a: path[a]))
-                free = 0
-        if not running:
-            if pending and failure is None:
-                raise RuntimeError("no DVC stage can start: " + ", ".join(s.address for s in pending))
-            break
-        address = done.get()
-        r = running.pop(address)
-        free += r["base"] + r["extra"]
+            if not self.running:
+                if self.pending and self.failure is None:
+                    raise RuntimeError("no DVC stage can start: " + ", ".join(s.address for s in self.pending))
+                break
+            self._collect()
+        if self.failure is not None:
+            raise self.failure
+        return [self.finished[s.address] for s in self.stages if s.address in self.finished]
+
+    def _ready(self) -> list[Stage]:
+        """The pending stages whose selected upstream stages have all finished."""
+        return [s for s in self.pending if all(u in self.finished or u not in self.selected for u in s.upstream)]
+
+    def _finish(self, address: str, result: dict) -> None:
+        """``address`` is done with ``result``: no longer pending."""
+        self.finished[address] = result
+        self.pending[:] = [s for s in self.pending if s.address != address]
+
+    def _schedule(self) -> bool:
+        """One scheduling round: ask about the newly ready stages, then run a lone exclusive stage when
+        nothing runs (-> True: it has finished, schedule again), else launch ready stages within the free
+        threads (taking lent threads back first when more are ready than free) and lend idle threads to the
+        running stage with the longest critical path. -> False: wait for a running stage."""
+        self._ask()
+        runnable = sorted((s for s in self._ready() if s.address in self.to_run and s.address not in self.running),
+                          key=lambda s: -self.path[s.address])   # stable: DAG order among equals
+        lone = [s for s in runnable if self.exclusive(s)]
+        if lone and not self.running:
+            self._run_alone(lone[0])
+            return True
+        if not lone and len(runnable) > self.free:
+            self._take_back(len(runnable))
+        if not lone and runnable and self.free:
+            self._launch(runnable)
+        if self.free and self.running and (lone or not runnable):  # idle threads: to the longest path running
+            self._lend(self.free, max(self.running, key=lambda a: self.path[a]))
+            self.free = 0
+        return False
+
+    def _ask(self) -> None:
+        """Which of the ready stages need to run: all when forced, else those DVC does not report up to date
+        (one status call for the newly ready ones, under the DVC lock). Up-to-date ones finish now, which may
+        ready others, asked in turn."""
+        while True:
+            new = [s.address for s in self._ready() if s.address not in self.to_run]
+            if not new:
+                return
+            if self.force:
+                self.to_run.update(new)
+                return
+            with dvc_lock(self.workspace):
+                changed = changed_stages(new, self.workspace)
+            self.to_run.update(changed)
+            for address in new:
+                if address not in changed:
+                    self.log.info("Stage '%s' didn't change, skipping", address)
+                    self._finish(address, {"stage": address, "skipped": True})
+
+    def _run_alone(self, stage: Stage) -> None:
+        """Run an exclusive stage in this thread; its failure is kept (raised once nothing runs)."""
+        self.log.info("running '%s' alone (sharded / accelerate launch)", stage.address)
         try:
-            finish(address, r["future"].result())
+            self._finish(stage.address, self.run_exclusive(stage))
+        except BaseException as exc:       # noqa: BLE001 -- reported below, after the others
+            self.failure = exc
+
+    def _take_back(self, wanted: int) -> None:
+        """Take lent threads back, shortest critical path first, until ``wanted`` threads are free or none
+        is lent; a stage keeps the threads it was launched with."""
+        for address in sorted(self.running, key=lambda a: self.path[a]):
+            if self.free >= wanted:
+                break
+            r = self.running[address]
+            if r.extra:
+                self.free += r.extra
+                r.extra = 0
+                self.log.info("'%s' back to %d threads", address, r.base)
+                self.retune(r.stage, r.base)
+
+    def _launch(self, runnable: list[Stage]) -> None:
+        """Launch the first of ``runnable`` (critical-path order) on the free threads, split by :func:`allot`."""
+        for stage, threads in zip(runnable, allot(self.free, len(runnable))):
+            self.log.info("launching '%s' with %d of %d threads (%d running)", stage.address, threads, self.jobs,
+                          len(self.running))
+            future = self.submit(stage, threads)
+            self.running[stage.address] = _Running(future, stage, threads)
+            future.add_done_callback(lambda _f, a=stage.address: self.done.put(a))
+            self.free -= threads
+
+    def _lend(self, threads: int, address: str) -> None:
+        """Lend running stage ``address`` ``threads`` more threads (``retune``)."""
+        r = self.running[address]
+        r.extra += threads
+        self.log.info("'%s' now has %d threads", address, r.base + r.extra)
+        self.retune(r.stage, r.base + r.extra)
+
+    def _collect(self) -> None:
+        """Wait for a running stage to end: its threads are free again, and its result kept or its failure:
+        the first is kept (raised once the stages still running have finished; nothing more is launched),
+        later ones are logged."""
+        address = self.done.get()
+        r = self.running.pop(address)
+        self.free += r.base + r.extra
+        try:
+            self._finish(address, r.future.result())
         except BaseException as exc:               # noqa: BLE001
-            failed.append(address)
-            if failure is None:
-                failure = exc
-                if running:
-                    log.error("stage '%s' failed; waiting for %s to finish, launching nothing more",
-                              address, ", ".join(running))
+            if self.failure is None:
+                self.failure = exc
+                if self.running:
+                    self.log.error("stage '%s' failed; waiting for %s to finish, launching nothing more",
+                                   address, ", ".join(self.running))
             else:
-                log.error("stage '%s' failed too: %s", address, exc)
-    if failure is not None:
-        raise failure
-    return [finished[s.address] for s in stages if s.address in finished]
+                self.log.error("stage '%s' failed too: %s", address, exc)
 
 
 @flow(name="refine-control-concurrent", log_prints=True)

@@ -17,10 +17,12 @@ from PIL import Image  # noqa: E402
 FIXED_COLUMNS = ("masked_input", "mask", "ground_truth")
 
 
-def save(fig, out: Path) -> Path:
+def save(fig, out: Path, dpi: int = 110) -> Path:
+    """Every figure's tail (the report's and the studies'): lay out, write the PNG at ``dpi``, free it."""
+    out = Path(out)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=dpi)
     plt.close(fig)
     return out
 

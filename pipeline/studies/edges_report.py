@@ -17,15 +17,15 @@ Kept apart from pipeline.studies.edges (the training stages' code): editing the 
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import pandas as pd
 
 from pipeline.config import Config
-from pipeline.evaluation.stats import paired_difference
+from pipeline.evaluation.stats import ci_side, paired_difference
+from pipeline.studies.report_format import DPI, ci_text, dig, has_ci
+from pipeline.studies.report_stats import mean_ci, paired, read_table, seed_average
 
 KEYS = ("psnr", "ssim")                    # whole image: what both conditions have
 AGREE = ("agree_psnr", "agree_ssim")       # the student's agreement with its own teacher
@@ -34,64 +34,27 @@ LABELS = {"inpaint": "inpainting", "edges": "edges"}
 
 
 def _table(path: Path, keys: Sequence[str]) -> pd.DataFrame | None:
-    path = Path(path)
-    if not path.exists():
-        return None
-    df = pd.read_csv(path)
-    missing = [k for k in ("id", *keys) if k not in df]
-    if missing:
-        raise ValueError(f"{path}: per-image table lacks columns {missing}")
-    t = df.set_index("id")[list(keys)].astype(np.float64)
-    bad = [k for k in keys if not np.isfinite(t[k]).all()]
-    if bad:
-        raise ValueError(f"{path}: non-finite values in {bad}")
-    return t
-
-
-def _seed_average(paths: dict[int, Path], keys: Sequence[str]) -> tuple[pd.DataFrame | None, list[int]]:
-    tables, found = [], []
-    for s, p in paths.items():
-        t = _table(p, keys)
-        if t is not None:
-            tables.append(t)
-            found.append(int(s))
-    if not tables:
-        return None, []
-    for t, s in zip(tables[1:], found[1:]):
-        if not t.index.equals(tables[0].index):
-            raise ValueError(f"{paths[s]}: other test images than {paths[found[0]]}")
-    return sum(tables) / len(tables), found
-
-
-def _ci(values) -> dict:
-    """Mean of per-image values with its BCa 95% CI (a paired difference from 0, as study.mean_ci)."""
-    v = np.asarray(values, dtype=np.float64)
-    return paired_difference(v, np.zeros_like(v))
-
-
-def _paired(a: pd.DataFrame, b: pd.DataFrame, key: str, what: str) -> dict:
-    if set(a.index) != set(b.index):
-        raise ValueError(f"{what}: paired comparison of different test images")
-    return paired_difference(a[key].to_numpy(), b.loc[a.index, key].to_numpy())
+    """``path``'s per-image ``keys``, every value finite; None when the file does not exist (yet)."""
+    return read_table(path, keys, finite=True) if Path(path).exists() else None
 
 
 def condition_summary(teacher: Path, backbone: Path, students: dict[int, Path]) -> dict:
     """One condition's models and its gap from per-image tables (missing files: that entry is None).
     Also returns the per-image gap (student - teacher, seed-averaged) under ``_gap`` for pairing."""
     t, b = _table(teacher, KEYS), _table(backbone, KEYS)
-    st, found = _seed_average(students, (*KEYS, *AGREE))
+    st, found = seed_average(students, lambda p: _table(p, (*KEYS, *AGREE)))
     out: dict = {
-        "teacher": None if t is None else {"n_images": len(t), **{k: _ci(t[k]) for k in KEYS}},
-        "backbone_only": None if b is None else {"n_images": len(b), **{k: _ci(b[k]) for k in KEYS}},
+        "teacher": None if t is None else {"n_images": len(t), **{k: mean_ci(t[k]) for k in KEYS}},
+        "backbone_only": None if b is None else {"n_images": len(b), **{k: mean_ci(b[k]) for k in KEYS}},
         "student": None if st is None else {"seeds": found, "n_seeds": len(found), "n_images": len(st),
-                                            **{k: _ci(st[k]) for k in (*KEYS, *AGREE)}},
+                                            **{k: mean_ci(st[k]) for k in (*KEYS, *AGREE)}},
         "gap_student_minus_teacher": None, "teacher_minus_backbone": None, "_gap": None,
     }
     if st is not None and t is not None:
-        out["gap_student_minus_teacher"] = {k: _paired(st, t, k, f"{teacher} vs students") for k in KEYS}
+        out["gap_student_minus_teacher"] = {k: paired(st, t, k, f"{teacher} vs students") for k in KEYS}
         out["_gap"] = st[list(KEYS)] - t.loc[st.index, list(KEYS)]
     if t is not None and b is not None:
-        out["teacher_minus_backbone"] = {k: _paired(t, b, k, f"{teacher} vs {backbone}") for k in KEYS}
+        out["teacher_minus_backbone"] = {k: paired(t, b, k, f"{teacher} vs {backbone}") for k in KEYS}
     return out
 
 
@@ -135,28 +98,9 @@ def summarise(cfg: Config, seeds: Sequence[int], *, edges_per_image: Path | None
 
 # ------------------------------------------------------------------------------------------- report
 
-def _fmt(ci: dict | None, nd: int = 2) -> str:
-    from pipeline.studies.frontier import _fmt as fmt  # one CI format across the studies report
-
-    return fmt(ci, nd)
-
-
-def _get(d: dict | None, *keys):
-    for k in keys:
-        if d is None:
-            return None
-        d = d.get(k)
-    return d
-
-
-def _excludes_zero(ci: dict) -> str:
-    if not (math.isfinite(ci["ci_low"]) and math.isfinite(ci["ci_high"])):
-        return "its CI could not be computed"
-    if ci["ci_low"] > 0:
-        return "its CI lies above 0"
-    if ci["ci_high"] < 0:
-        return "its CI lies below 0"
-    return "its CI contains 0"
+# where a CI lies against 0 (pipeline.evaluation.stats.ci_side), in this section's words
+EXCLUDES_ZERO = {1: "its CI lies above 0", -1: "its CI lies below 0", 0: "its CI contains 0",
+                 None: "its CI could not be computed"}
 
 
 def markdown(summary: dict) -> str:
@@ -178,11 +122,11 @@ def markdown(summary: dict) -> str:
            "|---|---|---|---|---|---|---|---|---|"]
     for name in CONDITIONS:
         r = c[name]
-        out.append(f"| {LABELS[name]} | {_fmt(_get(r, 'teacher', 'psnr'))} | {_fmt(_get(r, 'teacher', 'ssim'), 3)} "
-                   f"| {_fmt(_get(r, 'student', 'psnr'))} | {_fmt(_get(r, 'student', 'ssim'), 3)} "
-                   f"| {_fmt(_get(r, 'gap_student_minus_teacher', 'psnr'))} "
-                   f"| {_fmt(_get(r, 'gap_student_minus_teacher', 'ssim'), 3)} "
-                   f"| {_fmt(_get(r, 'student', 'agree_psnr'))} | {_fmt(_get(r, 'backbone_only', 'psnr'))} |")
+        out.append(f"| {LABELS[name]} | {ci_text(dig(r, 'teacher', 'psnr'))} | {ci_text(dig(r, 'teacher', 'ssim'), 3)} "
+                   f"| {ci_text(dig(r, 'student', 'psnr'))} | {ci_text(dig(r, 'student', 'ssim'), 3)} "
+                   f"| {ci_text(dig(r, 'gap_student_minus_teacher', 'psnr'))} "
+                   f"| {ci_text(dig(r, 'gap_student_minus_teacher', 'ssim'), 3)} "
+                   f"| {ci_text(dig(r, 'student', 'agree_psnr'))} | {ci_text(dig(r, 'backbone_only', 'psnr'))} |")
     out += ["", f"Weighting: under edges there is no hole, so L_task weighs every latent pixel 1: the plain "
                 f"flow-matching MSE, the teacher's own loss (alpha = {L['alpha_inpaint']} weighs inpainting's "
                 f"hole vs the rest and plays no part under edges). The terms' weights are params' for both "
@@ -198,27 +142,27 @@ def findings(summary: dict) -> str:
     c = summary["conditions"]
     said = []
     for name in CONDITIONS:
-        g = _get(c[name], "gap_student_minus_teacher", "psnr")
+        g = dig(c[name], "gap_student_minus_teacher", "psnr")
         if g is None:
             said.append(f"{LABELS[name].capitalize()}: no student - teacher gap (tables missing).")
             continue
         said.append(f"{LABELS[name].capitalize()}: the student - teacher PSNR gap is {g['mean']:+.2f} dB and "
-                    f"{_excludes_zero(g)} ({_fmt(g)}, {g['n']} images).")
-    ge = _get(c["edges"], "gap_student_minus_teacher", "psnr")
-    gi = _get(c["inpaint"], "gap_student_minus_teacher", "psnr")
+                    f"{EXCLUDES_ZERO[ci_side(g)]} ({ci_text(g)}, {g['n']} images).")
+    ge = dig(c["edges"], "gap_student_minus_teacher", "psnr")
+    gi = dig(c["inpaint"], "gap_student_minus_teacher", "psnr")
     if ge is not None and gi is not None:
         bigger = "larger" if abs(ge["mean"]) > abs(gi["mean"]) else "smaller" if abs(ge["mean"]) < abs(gi["mean"]) else "the same"
         said.append(f"In size the edges gap is {bigger} than inpainting's ({abs(ge['mean']):.2f} vs "
                     f"{abs(gi['mean']):.2f} dB).")
-    dd = _get(summary.get("gap_edges_minus_inpaint"), "psnr")
+    dd = dig(summary.get("gap_edges_minus_inpaint"), "psnr")
     if dd is not None:
-        said.append(f"Paired per image, edges gap - inpainting gap = {_fmt(dd)} dB: {_excludes_zero(dd)}.")
-    tb = _get(c["edges"], "teacher_minus_backbone", "psnr")
+        said.append(f"Paired per image, edges gap - inpainting gap = {ci_text(dd)} dB: {EXCLUDES_ZERO[ci_side(dd)]}.")
+    tb = dig(c["edges"], "teacher_minus_backbone", "psnr")
     if tb is not None:
-        said.append(f"The edges teacher minus the backbone alone: {_fmt(tb)} dB ({_excludes_zero(tb)}).")
-    tbs = _get(c["edges"], "teacher_minus_backbone", "ssim")
+        said.append(f"The edges teacher minus the backbone alone: {ci_text(tb)} dB ({EXCLUDES_ZERO[ci_side(tb)]}).")
+    tbs = dig(c["edges"], "teacher_minus_backbone", "ssim")
     if tbs is not None:
-        said.append(f"In SSIM, the edges teacher minus the backbone alone: {_fmt(tbs, 3)} ({_excludes_zero(tbs)}).")
+        said.append(f"In SSIM, the edges teacher minus the backbone alone: {ci_text(tbs, 3)} ({EXCLUDES_ZERO[ci_side(tbs)]}).")
     if ge is not None:
         said.append("Whole-image PSNR/SSIM against the ground truth do not measure how closely an output follows "
                     "the control edges; an edge-fidelity metric is not computed here.")
@@ -227,10 +171,7 @@ def findings(summary: dict) -> str:
 
 def plot(summary: dict, path: Path) -> Path:
     """Whole-image PSNR of teacher, student (seed-averaged) and backbone alone per condition, BCa 95% CI bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from pipeline.reporting.figures import plt, save
 
     models = (("teacher", "teacher"), ("student", "student"), ("backbone_only", "backbone alone"))
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -238,8 +179,8 @@ def plot(summary: dict, path: Path) -> Path:
     for j, (key, label) in enumerate(models):
         xs, ys, lo, hi = [], [], [], []
         for i, name in enumerate(CONDITIONS):
-            ci = _get(summary["conditions"][name], key, "psnr")
-            if ci is None or ci.get("mean") is None or math.isnan(ci["mean"]):
+            ci = dig(summary["conditions"][name], key, "psnr")
+            if not has_ci(ci):
                 continue
             xs.append(i + (j - (len(models) - 1) / 2) * width)
             ys.append(ci["mean"])
@@ -251,9 +192,4 @@ def plot(summary: dict, path: Path) -> Path:
     ax.set_ylabel("PSNR, whole image (dB)")
     ax.set_title("Teacher, student and backbone alone per condition")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path, dpi=DPI)

@@ -16,9 +16,10 @@ difference from noise0 is the prompts' effect alone.
   every level; it starts from the ablation study's stage-1 prefix when the checkpoint keys match.
 - ``run_level``: stage 2 at one level and seed, its loss logged by dvclive (every Loop.log_every steps), then
   the test-split evaluation. A non-finite loss ends the run as diverged (no model, metrics NaN).
-- ``aggregate``: per level, the seed-averaged per-image metrics with BCa 95% CIs, the paired per-image
-  difference from noise0, and the stage-2 loss statistics over seeds (variance over the logged steps,
-  divergence) -> metrics/studies/prompt_quality.json; ``plot`` and ``markdown`` for reports/studies.md.
+
+Statistics and report section: pipeline.studies.prompt_quality_report (a module of its own: the run stages'
+code deps are this module's import closure, so editing the report reruns the report alone, not 15 stage-2
+runs).
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from pipeline.config import Config, ConfigError
 from pipeline.studies.config import prompt_level
 
 METRICS = ("psnr", "ssim", "psnr_masked", "ssim_masked", "agree_psnr", "agree_ssim")
-REFERENCE_LEVEL = "noise0"
 # A run diverged when its loss went non-finite (the Loop stops it) or its last logged loss is this many
 # times its lowest: stage 2 starts from a trained stage 1, so a healthy run ends near its minimum.
 DIVERGENCE_RATIO = 2.0
@@ -177,154 +177,3 @@ def run_level(cfg: Config, level: str, seed: int, *, foundation: Path, teacher: 
     pipe = runtime(vcfg).load_foundation(foundation)
     ev = evaluate_model(vcfg, pipe, run_name(level, seed), out_dir, df, reference=reference)
     return {**ev.summary, **metrics}, ev.per_image, history
-
-
-# ---------------------------------------------------------------------------------------- statistics
-
-def aggregate(runs: Path, per_image: Path, levels, seeds) -> dict:
-    """metrics/studies/prompt_quality.json from the per-run JSON and per-image tables."""
-    from pipeline.metrics_io import read_json
-    from pipeline.studies.frontier import _ci, _paired
-
-    tables: dict[str, pd.DataFrame] = {}
-    out: dict = {"reference_level": REFERENCE_LEVEL, "seeds": list(seeds), "divergence_ratio": DIVERGENCE_RATIO,
-                 "levels": {}}
-    for level in levels:
-        row: dict = {"level": level, "noise_share": prompt_level(level)}
-        found, per, stab = [], [], []
-        for s in seeds:
-            j = Path(runs) / f"{run_name(level, s)}.json"
-            if not j.exists():
-                continue
-            m = read_json(j)
-            found.append(s)
-            stab.append({k: m.get(k) for k in ("loss_mean", "loss_var", "loss_cv", "loss_last_over_min", "diverged")})
-            row.setdefault("changed_share", m.get("changed_share"))
-            p = Path(per_image) / f"{run_name(level, s)}.csv"
-            if p.exists():
-                per.append(pd.read_csv(p).set_index("id")[[c for c in METRICS if c in pd.read_csv(p, nrows=0)]])
-        if not found:
-            continue
-        row["seeds"] = found
-        row["diverged"] = int(sum(bool(x["diverged"]) for x in stab))
-        for k in ("loss_mean", "loss_var", "loss_cv", "loss_last_over_min"):
-            v = np.array([x[k] for x in stab if x[k] is not None], dtype=np.float64)
-            v = v[np.isfinite(v)]
-            row[k] = {"mean": float(v.mean()) if len(v) else math.nan,
-                      "min": float(v.min()) if len(v) else math.nan, "max": float(v.max()) if len(v) else math.nan}
-        if per:
-            for t, s in zip(per[1:], found[1:]):
-                if not t.index.equals(per[0].index):
-                    raise ValueError(f"{per_image}/{run_name(level, s)}.csv: other test images than "
-                                     f"{run_name(level, found[0])}.csv")
-            avg = sum(per) / len(per)
-            tables[level] = avg
-            row["n_images"] = len(avg)
-            row.update({k: _ci(avg[k]) for k in avg.columns})
-        out["levels"][level] = row
-    ref = tables.get(REFERENCE_LEVEL)
-    if ref is not None:
-        for level, t in tables.items():
-            if level != REFERENCE_LEVEL:
-                out["levels"][level]["minus_reference"] = {k: _paired(t, ref, k) for k in ("psnr", "psnr_masked")
-                                                           if k in t and k in ref}
-    return out
-
-
-# ------------------------------------------------------------------------------------------- report
-
-def plot(summary: dict, histories: dict[str, list[pd.DataFrame]], path: Path) -> Path:
-    """Left: final PSNR (whole image and hole) per level with BCa 95% CIs. Right: stage-2 loss per level
-    (mean over seeds of the logged steps)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    levels = list(summary["levels"])
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    ax = axes[0]
-    for off, key, label in ((-0.12, "psnr", "whole image"), (0.12, "psnr_masked", "hole")):
-        pts = [(i + off, summary["levels"][lv][key]) for i, lv in enumerate(levels) if key in summary["levels"][lv]]
-        if not pts:
-            continue
-        ax.errorbar([p[0] for p in pts], [p[1]["mean"] for p in pts],
-                    yerr=[[p[1]["mean"] - p[1]["ci_low"] for p in pts], [p[1]["ci_high"] - p[1]["mean"] for p in pts]],
-                    fmt="o", capsize=3, label=f"PSNR, {label}")
-    ax.set_xticks(range(len(levels)), levels)
-    ax.set_ylabel("dB (test split, BCa 95% CI)")
-    ax.set_title("Final quality by unlabelled-prompt quality")
-    ax.legend(fontsize=8)
-    ax = axes[1]
-    for lv in levels:
-        hs = [h for h in histories.get(lv, []) if len(h)]
-        if hs:
-            m = pd.concat(hs).groupby("step")["loss"].agg(["mean", "min", "max"])
-            line, = ax.plot(m.index, m["mean"], label=lv)
-            ax.fill_between(m.index, m["min"], m["max"], color=line.get_color(), alpha=0.15)
-    ax.set_xlabel("stage-2 step")
-    ax.set_ylabel("loss (mean over seeds; band: min-max)")
-    ax.set_title("Stage-2 training loss")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def _fmt(ci: dict | None, nd: int = 2) -> str:
-    if not ci or ci.get("mean") is None or (isinstance(ci["mean"], float) and math.isnan(ci["mean"])):
-        return "-"
-    return f"{ci['mean']:.{nd}f} [{ci['ci_low']:.{nd}f}, {ci['ci_high']:.{nd}f}]"
-
-
-def _verdict(diff: dict | None) -> str:
-    if not diff:
-        return "-"
-    if diff["ci_low"] > 0:
-        return "better"
-    if diff["ci_high"] < 0:
-        return "worse"
-    return "not significant"
-
-
-def answer(summary: dict) -> str:
-    """The one-paragraph answer, built from the figures only."""
-    lv = summary["levels"]
-    if REFERENCE_LEVEL not in lv:
-        return "The reference level (the pseudo-labeller's own prompts) did not run: no answer."
-    parts = []
-    for name, row in lv.items():
-        d = row.get("minus_reference", {}).get("psnr")
-        if d:
-            parts.append(f"{name}: {d['mean']:+.2f} dB [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}] ({_verdict(d)})")
-    worst = [n for n, r in lv.items() if _verdict(r.get("minus_reference", {}).get("psnr")) == "worse"]
-    div = sum(r.get("diverged", 0) for r in lv.values())
-    runs = sum(len(r.get("seeds", [])) for r in lv.values())
-    s = ("Whole-image PSNR against the pseudo-labeller's own prompts (paired per image, seed-averaged, BCa 95% CI): "
-         + "; ".join(parts) + ". ")
-    s += (f"Significantly worse: {', '.join(worst)}. " if worst else
-          "No level is significantly worse than the pseudo-labeller's own prompts. ")
-    s += f"{div} of {runs} stage-2 runs diverged (non-finite loss or last logged loss > {DIVERGENCE_RATIO}x its lowest)."
-    return s
-
-
-def markdown(summary: dict, figure: str) -> str:
-    out = ["## Prompt quality in stage 2 (issue 15)", "",
-           "Stage 2 from full's stage 1 at each seed, with the unlabelled split's local prompts at controlled quality: "
-           "noise<P> = P% of the pseudo-labeller's prompts replaced by wrong ones (caption_noise's rule), empty = "
-           f"every prompt \"\". Seeds {summary['seeds']}; per-image values averaged over seeds; BCa 95% CIs over "
-           "test images. Loss statistics over the logged stage-2 steps after warm-up (mean over seeds).", "",
-           f"![prompt quality]({figure})", "",
-           "| level | prompts changed | PSNR | PSNR hole | SSIM | agree PSNR | PSNR vs noise0 | loss var | loss CV | diverged |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
-    for name, r in summary["levels"].items():
-        d = r.get("minus_reference", {}).get("psnr")
-        ch = r.get("changed_share")
-        out.append(f"| {name} | {'-' if ch is None else f'{ch:.0%}'} | {_fmt(r.get('psnr'))} | {_fmt(r.get('psnr_masked'))} "
-                   f"| {_fmt(r.get('ssim'), 3)} | {_fmt(r.get('agree_psnr'))} | {_fmt(d) if d else '-'} "
-                   f"| {r['loss_var']['mean']:.2e} | {r['loss_cv']['mean']:.3f} | {r['diverged']}/{len(r['seeds'])} |")
-    out += ["", "**Answer.** " + answer(summary), ""]
-    return "\n".join(out) + "\n"

@@ -20,7 +20,7 @@ def evaluated(eval_ws):
     from stages import evaluate as stage
 
     with inside(eval_ws):
-        stage.main([])
+        assert stage.main([]) == 0
     return eval_ws
 
 
@@ -82,7 +82,7 @@ def test_ablation_stage_trains_and_evaluates(evaluated, variant, seed):
 
     ws = evaluated  # the teacher's reference outputs exist
     with inside(ws):
-        ablate.main([variant, str(seed)])
+        assert ablate.main([variant, str(seed)]) == 0
     name = f"{variant}-s{seed}"
     m = json.loads((ws / "metrics/ablations" / f"{name}.json").read_text())
     assert m["seed"] == seed and m["total_steps"] == 6 and math.isfinite(m["psnr"]) and math.isfinite(m["agree_psnr"])
@@ -97,7 +97,7 @@ def test_the_headline_run_is_evaluated_not_retrained(evaluated):
     from stages import ablate
 
     with inside(evaluated):
-        ablate.main(["full", "0"])
+        assert ablate.main(["full", "0"]) == 0
     m = json.loads((evaluated / "metrics/ablations/full-s0.json").read_text())
     assert m["model"] == "models/student" and "stage1_final_distill" not in m
     assert "headline student" in (evaluated / "models/ablations/full-s0/README.md").read_text()  # its DVC output
@@ -109,7 +109,7 @@ def test_benchmark_writes_costs_and_speedups(eval_ws):
     from stages import benchmark
 
     with inside(eval_ws):
-        benchmark.main([])
+        assert benchmark.main([]) == 0
     m = json.loads((eval_ws / "metrics/benchmark.json").read_text())
     assert set(m["models"]) == {"teacher", "student", "layers_2"}
     t, s = m["models"]["teacher"], m["models"]["student"]

@@ -278,7 +278,7 @@ def test_foundation_stages_materialise_pretrained_models(tiny, tmp_path, monkeyp
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(cfg_raw))
     monkeypatch.chdir(tmp_path)
     for stage in (vae, backbone, teacher):
-        stage.main([])
+        assert stage.main([]) == 0
     vae_m = json.loads(Path("metrics/foundation/vae.json").read_text())
     assert vae_m["source"] == "pretrained" and vae_m["scaling_factor"] == pytest.approx(1.5305)
     assert vae_m["captioner"]["path"] == str(tiny["qwen"].resolve())

@@ -56,7 +56,7 @@ def report(eval_ws):
 
     ensure_outputs(eval_ws)
     with inside(eval_ws):
-        stage.main([])
+        assert stage.main([]) == 0
     return eval_ws
 
 
