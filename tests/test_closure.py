@@ -79,3 +79,16 @@ def test_the_digest_stage_imports_nothing_heavy():
         assert (out / "digests" / "stages.scenes.json").is_file()
     finally:
         shutil.rmtree(out, ignore_errors=True)
+
+
+def test_committed_digests_are_the_code_s(tmp_path):
+    """digests/ (in git) is what code_digests writes for this code, and dvc.lock records code_digests on
+    it: a clone's `dvc status` is truthful. Fails after a code edit until `dvc repro code_digests`."""
+    fresh = closure.write_digests(REPO, tmp_path / "digests")
+    committed = sorted((REPO / closure.DIGESTS).glob("*.json"))
+    assert [p.name for p in committed] == [p.name for p in fresh], "run `dvc repro code_digests`"
+    for old, new in zip(committed, fresh):
+        assert old.read_text() == new.read_text(), f"{old}: stale; run `dvc repro code_digests`"
+    status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json", "code_digests"], cwd=REPO,
+                            capture_output=True, text=True, check=True)
+    assert json.loads(status.stdout) == {}, "run `dvc repro code_digests` (and commit dvc.lock)"

@@ -425,6 +425,9 @@ def test_closure_code_digest_ignores_what_else_the_process_loaded(monkeypatch):
 
     from pipeline import training
 
+    for name, mod in list(sys.modules.items()):   # other tests may have imported the stage modules
+        if getattr(mod, "__file__", None) == str(REPO / "stages" / "ablate_stage1.py"):
+            monkeypatch.delitem(sys.modules, name)
     closure, loaded = training.code_digest(("pipeline.training",)), training.code_digest()
     fake = types.ModuleType("fake_stage")
     fake.__file__ = str(REPO / "stages" / "ablate_stage1.py")
