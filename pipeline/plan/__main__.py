@@ -1,0 +1,5 @@
+import sys
+
+from pipeline.plan.cli import main
+
+sys.exit(main())
