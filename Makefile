@@ -3,7 +3,9 @@
 # CPU count, or flows.jobs in params.yaml) and records each with `dvc commit`: dvc.lock ends as `dvc repro`
 # (the sequential equivalent, `make run-sequential`) leaves it. WALL_TIME=FILE writes the run's wall time
 # and each stage's threads and seconds (default reports/run_time.json, committed: the next run starts the
-# stages with the longest remaining path first by these times).
+# stages with the longest remaining path first by these times). PROCESSES=N / MACHINES=M run each model
+# stage on N processes per machine x M machines (params launch, pipeline/launch.py; the same as
+# REFINE_LAUNCH_PROCESSES / REFINE_LAUNCH_MACHINES in the environment, which is how Make passes them).
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
@@ -17,6 +19,12 @@ export GX_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
+ifdef PROCESSES
+export REFINE_LAUNCH_PROCESSES := $(PROCESSES)
+endif
+ifdef MACHINES
+export REFINE_LAUNCH_MACHINES := $(MACHINES)
+endif
 
 .PHONY: install run run-sequential studies smoke smoke-sd3 test test-fast dag clean-smoke
 

@@ -447,12 +447,6 @@ class ReportConfig(_Strict):
 
 # ----------------------------------------------------------------------------------- orchestration
 
-class ShardSpec(_Strict):
-    command: str = Field(..., description="template with {shard} (i/N), {index}, {num_shards}, {out}")
-    num_shards: int = Field(..., ge=1)
-    out: str = Field(..., description="the stage's output folder; shard i writes to <out>.shards/shard-i")
-
-
 class FlowSettings(_Strict):
     """How the Prefect flows run the DVC stages (no effect on any output)."""
     retries: int = Field(1, ge=0, description="retries of a stage after a transient failure")
@@ -460,12 +454,31 @@ class FlowSettings(_Strict):
                              "stage at a time through dvc repro)")
     retry_delay_seconds: float = Field(10, ge=0)
     no_retry_stages: list[str] = Field(["validate*"], description="globs: failures here are never retried")
-    dask_address: str | None = Field(None, description="scheduler address; null = local processes")
-    dask_workers: int | None = Field(None, ge=1, description="local cluster size (default: min(shards, CPUs))")
-    accelerate_config: str | None = Field(None, description="accelerate config file for training stages")
-    accelerate_stages: list[str] = Field(["backbone", "teacher", "distill_*", "ablat*"],
-                                         description="globs: stages run under `accelerate launch`")
-    sharded: dict[str, ShardSpec] = Field(default_factory=dict, description="stage -> sharded command")
+    dask_address: str | None = Field(None, description="a dask.distributed scheduler the flows run independent "
+                                      "stages on; null = this machine's threads (jobs)")
+
+
+class LaunchConfig(_Strict):
+    """pipeline/launch.py: the processes that run each model stage, one per accelerator (torchrun). No effect
+    on any output, so no stage depends on it. REFINE_LAUNCH_<KEY> in the environment overrides a key."""
+    processes: int = Field(1, ge=1, description="processes per machine, one per GPU (torchrun --nproc_per_node); "
+                                                "1 x 1 machine starts no launcher")
+    machines: int = Field(1, ge=1, description="machines that run each model stage together (--nnodes)")
+    machine_rank: int = Field(0, ge=0, description="this machine's index (--node_rank): set it per machine, "
+                                                   "REFINE_LAUNCH_MACHINE_RANK")
+    main_address: str = Field("127.0.0.1", min_length=1,
+                              description="machine 0's address, reachable from every machine (--master_addr)")
+    main_port: int = Field(29500, ge=1, le=65535, description="a free port on machine 0 (--master_port)")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.machine_rank >= self.machines:
+            raise ValueError(f"launch.machine_rank: {self.machine_rank} is not below launch.machines ({self.machines})")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return self.processes * self.machines
 
 
 class Config(_Strict):
@@ -491,6 +504,7 @@ class Config(_Strict):
     memory_benchmark: MemoryBenchmarkConfig
     step_benchmark: StepBenchmarkConfig
     flows: FlowSettings
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)  # a params file without it: one process
     ablations: AblationConfig
     benchmark: BenchmarkConfig
     report: ReportConfig

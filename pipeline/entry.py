@@ -22,13 +22,18 @@ call with a list of arguments):
   words it: a ConfigError lists each bad key on a line of its own); when the error was raised outside the
   project's code (deep in torch or pandas), its traceback comes above that line. Any other exception
   propagates.
-* ``kind`` declares what the stage is (:data:`KINDS`). ``model`` stages are the ones a launcher for N
-  processes (accelerate, torchrun) would start: it belongs in :meth:`Stage.__call__`, nowhere else.
+* ``kind`` declares what the stage is (:data:`KINDS`), which decides how it starts, in :meth:`Stage.__call__`
+  and nowhere else. Every stage that runs networks (:data:`ON_DEVICE`) first passes the runtime policy's
+  no-silent-CPU check (pipeline.device.require_accelerator; exit 2 before anything is written). A ``model``
+  stage asked for more than one process (params ``launch``, pipeline/launch.py) is run again under torchrun,
+  same module and arguments, one rank per device, and its exit code is the launch's (the first failed
+  rank's); in a rank, or with one process, the body runs here. Every other kind runs in one process.
 
 Variants are thin uses of :class:`Stage`: the gates (pipeline/validation/cli.py), the studies' stages
 (pipeline/study_stage.py), the foundation stages (pipeline/foundation/component.py). This module imports
 nothing heavy and nothing of theirs: it is in every stage's import closure (pipeline.closure), beside
-pipeline.config and pipeline.atomic.
+pipeline.config, pipeline.atomic, pipeline.launch (with pipeline.threads) and pipeline.device (imported when
+a stage that runs networks starts: a data stage imports no torch).
 """
 
 from __future__ import annotations
@@ -40,14 +45,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from pipeline import launch
 from pipeline.atomic import NotOurOutputError
 from pipeline.config import Config, ConfigError, load
 
 KINDS = {
     "data": "prepares or checks data files on the CPU",
-    "model": "trains or runs networks (torch, on the accelerator when there is one)",
+    "model": "trains or runs networks on every process a launch starts (params launch: one per device), "
+             "splitting its rows across them or training under DDP; one process by default",
+    "serial": "trains, runs or measures networks in one process whatever params launch says: benchmarks (a "
+              "measurement is one process's), the teacher gate, the pseudo-labeller",
     "report": "reads metrics files, writes reports",
 }
+LAUNCHED = {"model"}                # started on launch.processes x launch.machines processes
+ON_DEVICE = {"model", "serial"}     # run networks: refused when the runtime policy would fall back to the CPU
 _PROJECT = Path(__file__).resolve().parents[1]
 BAD_INPUT = (ConfigError, FileNotFoundError, ValueError, NotOurOutputError)  # -> exit 2
 
@@ -70,6 +81,7 @@ class Stage:
     body: Callable[[argparse.Namespace, Config], object]
     arguments: tuple = ()                       # arg(...)s besides --params
     kind: str = "data"
+    module: str = ""                            # what `python -m` runs (a launch reruns it); "": stages.<name>
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -84,14 +96,34 @@ class Stage:
         return ap
 
     def __call__(self, argv: list[str] | None = None) -> int:
+        argv = sys.argv[1:] if argv is None else list(argv)
         args = self.parser().parse_args(argv)
         try:
-            self.body(args, load(args.params))
+            cfg = load(args.params)
+            launched = self._launch(cfg, argv)
+            if launched is not None:
+                return launched
+            self.body(args, cfg)
         except CheckFailed as exc:
             return self._error(exc, 1)
         except BAD_INPUT as exc:
             return self._error(exc, 2)
         return 0
+
+    def _launch(self, cfg: Config, argv: list[str]) -> int | None:
+        """Before the body: the no-silent-CPU check of a stage that runs networks, then, for a ``model`` stage
+        asked for several processes and not a rank already, the launch: its exit code (None: the body runs
+        here)."""
+        if self.kind in ON_DEVICE:
+            from pipeline.device import require_accelerator  # here: no torch in a data or report stage
+
+            require_accelerator(cfg)
+        if self.kind not in LAUNCHED or launch.is_rank():
+            return None
+        processes = launch.settings(cfg)
+        if processes.world_size == 1:
+            return None
+        return launch.run_launched(processes, self.module or f"stages.{self.name}", argv, cfg.runtime.device)
 
     def _error(self, exc: Exception, code: int) -> int:
         if not _raised_by_project(exc):   # a library's error: where it came from is worth the lines
@@ -111,11 +143,16 @@ def _raised_by_project(exc: BaseException) -> bool:
 
 def stage(doc: str, *arguments: tuple, kind: str = "data") -> Callable[[Callable], Stage]:
     """Decorator: the body ``fn(args, cfg)`` of the stage module it is defined in -> that module's ``main``."""
-    return lambda body: Stage(module_name(body), doc, body, arguments, kind)
+    return lambda body: Stage(module_name(body), doc, body, arguments, kind, module_path(body))
+
+
+def module_path(fn: Callable) -> str:
+    """The dotted name of the module ``fn`` is defined in (``stages.scenes``)."""
+    # `python -m stages.scenes` runs the module as __main__; its spec still names it
+    spec = getattr(sys.modules.get(fn.__module__), "__spec__", None)
+    return spec.name if spec else fn.__module__
 
 
 def module_name(fn: Callable) -> str:
     """The last part of the name of the module ``fn`` is defined in (``scenes`` for stages.scenes)."""
-    # `python -m stages.scenes` runs the module as __main__; its spec still names it
-    spec = getattr(sys.modules.get(fn.__module__), "__spec__", None)
-    return (spec.name if spec else fn.__module__).rpartition(".")[2]
+    return module_path(fn).rpartition(".")[2]

@@ -12,16 +12,16 @@
   (:class:`GateFailed`, stages matching ``flows.no_retry_stages``) are not.
 * Artifacts: one table per Great Expectations gate (``metrics/gates/*.json``), one table of the run's
   metrics (``metrics/**/*.json``), the report (``reports/report.md``) and the run's parameters.
-* Scale-out: :func:`fan_out` runs a sharded command (``--shard i/N``) through prefect-dask's
-  DaskTaskRunner (local processes, or ``flows.dask_address``) and merges the shard folders; stages listed
-  under ``flows.sharded`` and, when ``flows.accelerate_config`` is set, the stages matching
-  ``flows.accelerate_stages`` are run that way by the pipeline flow and recorded with ``dvc commit``.
+* Scale-out: a model stage's own command starts its processes, one per device (params ``launch``,
+  pipeline/launch.py), so a flow runs each stage's ordinary command and gets the same processes as
+  ``dvc repro``; such a stage runs alone. Independent stages fan out to the workers of a dask.distributed
+  cluster when ``flows.dask_address`` names its scheduler (:mod:`pipeline.orchestration.cluster`).
 
 This module holds the flows, their deployments (:func:`serve`) and the CLI; the pieces are in
 :mod:`pipeline.orchestration` (settings, dag, stages, shards, artifacts, parameters), whose public names
 are re-exported here.
 
-CLI: ``python -m pipeline.flows {run,serve,dag,shard} ...`` (``--help`` on each); ``run full --jobs N``
+CLI: ``python -m pipeline.flows {run,serve,dag} ...`` (``--help`` on each); ``run full --jobs N``
 is what ``make run`` does (``dvc repro`` is its sequential equivalent); ``--wall-time FILE`` records a
 run's wall time and each stage's threads and seconds.
 """
@@ -57,16 +57,8 @@ from pipeline.orchestration.concurrent import (
 )
 from pipeline.orchestration.dag import Stage, dvc_stages, product_stages, select_stages, stage_matches
 from pipeline.orchestration.parameters import apply_parameters, record_parameters
-from pipeline.orchestration.settings import TRAINING_STAGES, FlowSettings, ShardSpec, flow_settings
-from pipeline.orchestration.shards import (
-    dask_task_runner,
-    fan_out,
-    merge_shards,
-    run_sharded_stage,
-    shard_dir,
-    shard_task,
-    sharded_flow,
-)
+from pipeline.orchestration.settings import FlowSettings, flow_settings, launches_ranks
+from pipeline.orchestration.shards import dask_task_runner, merge_shards, shard_dir
 from pipeline.orchestration.stages import (
     DVC,
     TAIL_LINES,
@@ -74,11 +66,9 @@ from pipeline.orchestration.stages import (
     NotRetried,
     StageFailed,
     _retry_transient,
-    accelerate_command,
     commit_stage,
     dvc_stage_is_current,
     dvc_stage_task,
-    launched_stage_task,
     run_dvc_stage,
     run_logger,
     stream_command,
@@ -89,13 +79,13 @@ __all__ = [
     "EVALUATE_STAGES", "FLOWS", "ablations_flow", "evaluate_flow", "main", "pipeline_flow", "run_pipeline",
     "serve", "timed_run",
     # re-exported from pipeline.orchestration
-    "DVC", "GATES_DIR", "METRICS_DIR", "REPORT", "TAIL_LINES", "TRAINING_STAGES", "FlowSettings", "GateFailed",
-    "NotRetried", "ShardSpec", "Stage", "StageFailed", "_retry_transient", "accelerate_command",
+    "DVC", "GATES_DIR", "METRICS_DIR", "REPORT", "TAIL_LINES", "FlowSettings", "GateFailed",
+    "NotRetried", "Stage", "StageFailed", "_retry_transient",
     "apply_parameters", "artifact_key", "commit_stage", "concurrent_flow", "concurrent_stage_task",
     "dask_task_runner", "default_jobs", "dvc_stage_is_current", "run_concurrently", "run_stage", "run_stages",
-    "dvc_stage_task", "dvc_stages", "fan_out", "flow_settings", "gate_failures", "launched_stage_task",
+    "dvc_stage_task", "dvc_stages", "flow_settings", "gate_failures", "launches_ranks",
     "merge_shards", "metric_rows", "publish_artifacts", "record_parameters", "run_dvc_stage",
-    "run_sharded_stage", "select_stages", "shard_dir", "shard_task", "sharded_flow", "stream_command",
+    "select_stages", "shard_dir", "stream_command",
 ]
 
 EVALUATE_STAGES = ("evaluate", "benchmark", "report")
@@ -122,10 +112,11 @@ def run_pipeline(workspace: str | Path = ".", targets: list[str] | None = None, 
     if not stages:
         raise ValueError(f"no DVC stage selected by {targets!r} in {workspace}")
     record_parameters(record, [s.address for s in stages])
+    _refuse_machines(workspace)
     jobs = default_jobs(jobs, settings)
-    log.info("running %d DVC stages (%s): %s", len(stages),
-             f"side by side within {jobs} threads" if jobs > 1 else "in DAG order, one at a time",
-             ", ".join(s.address for s in stages))
+    how = (f"on the Dask cluster at {settings.dask_address}" if settings.dask_address
+           else f"side by side within {jobs} threads" if jobs > 1 else "in DAG order, one at a time")
+    log.info("running %d DVC stages (%s): %s", len(stages), how, ", ".join(s.address for s in stages))
     try:
         results = run_stages(stages, workspace, settings, jobs, force)
     except BaseException:
@@ -139,6 +130,19 @@ def run_pipeline(workspace: str | Path = ".", targets: list[str] | None = None, 
     if failed:
         raise GateFailed("gates", "validation gate failed: " + "; ".join(failed))
     return results
+
+
+def _refuse_machines(workspace: str) -> None:
+    """A stage on M > 1 machines needs its command running on every machine at once; the flow starts it on
+    one, which would wait at the rendezvous for ever: refused before anything runs (README "Scaling out")."""
+    from pipeline.config import load
+    from pipeline.launch import settings as launch_settings
+
+    machines = launch_settings(load(Path(workspace) / "params.yaml")).machines
+    if machines > 1:
+        raise ValueError(f"launch.machines is {machines}: the flows run a stage on one machine; run stages on "
+                         "several machines with the README's recipe (dvc repro STAGE on machine 0, the stage's "
+                         "command on the others), or set launch.machines: 1")
 
 
 @flow(name="refine-control-pipeline", log_prints=True)
@@ -239,12 +243,6 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("dag", help="print the stage order DVC gives")
     d.add_argument("--workspace", default=".")
     d.add_argument("targets", nargs="*")
-    h = sub.add_parser("shard", help="fan a sharded command out through Dask and merge")
-    h.add_argument("--command", required=True)
-    h.add_argument("--shards", type=int, required=True)
-    h.add_argument("--out", required=True)
-    h.add_argument("--workspace", default=".")
-    h.add_argument("--address")
     args = ap.parse_args(argv)
     if args.cmd == "run":
         kw: dict[str, Any] = {"workspace": args.workspace, "profile": args.profile,
@@ -259,8 +257,6 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cmd == "dag":
         for st in select_stages(dvc_stages(args.workspace), args.targets or None):
             print(st.address)
-    elif args.cmd == "shard":
-        fan_out(args.command, args.shards, args.out, args.workspace, address=args.address)
     return 0
 
 

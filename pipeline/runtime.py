@@ -1,7 +1,10 @@
 """The runtime policy: where models run, in what dtype, and in what micro-batches. The one place that
 decides it; every stage that runs a model asks here (params section ``runtime``, plus ``world.dtype``).
 
-- device: ``runtime.device`` = auto (the accelerator when there is one) | cpu | cuda[:i] | mps.
+- device: ``runtime.device`` = auto (the accelerator when there is one) | cpu | cuda[:i] | mps, resolved
+  by pipeline/device.py (re-exported here: :func:`resolve_device`): a rank's GPU under a launcher, and no
+  silent CPU for pretrained models. Apart from this module because every stage's entry point runs that
+  check, and every stage's code deps would otherwise hold the model loaders below.
 - dtype of the frozen models (VAE, text encoders, backbone, teacher): ``world.dtype`` on an accelerator;
   ``runtime.cpu_dtype`` on the CPU (float32 in the default profile: bf16 CPU kernels are slow and would
   change the tiny world's outputs). Trained models keep float32 weights; ``distill.mixed_precision``
@@ -13,35 +16,21 @@ decides it; every stage that runs a model asks here (params section ``runtime``,
   (tiles above the VAE's sample size, for resolutions whose activations do not fit; changes values
   slightly, the stock pipeline does not tile by default).
 
-The training Loop asks accelerate for its device (one process per GPU under ``accelerate launch``); the
-frozen models follow that device in this policy's dtype.
+The training Loop asks accelerate for its device (the same LOCAL_RANK rule: one process per GPU under a
+launcher); the frozen models follow that device in this policy's dtype.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from pipeline.config import Config
+from pipeline.device import resolve_device
 
-DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> the current accelerator (torch.accelerator), else the CPU; anything else as named."""
-    if not DEVICE.match(name):
-        raise ValueError(f"device {name!r}: expected auto | cpu | cuda[:i] | mps")
-    if name != "auto":
-        dev = torch.device(name)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"device {name!r}: CUDA is not available here (torch {torch.__version__}); "
-                               "set runtime.device: auto or cpu")
-        return dev
-    acc = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
-    return torch.device(acc) if acc is not None else torch.device("cpu")
+__all__ = ["Runtime", "dtype_for", "resolve_device", "runtime"]
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,10 @@ intra-op pool; the count a process starts with comes from OMP_NUM_THREADS as bef
 
 Outside the executor the variable is unset and :func:`follow` does nothing. It reads the file at most every
 ``interval`` seconds, so a loop may call it every step.
+
+A stage launched on several processes (pipeline/launch.py) shares its threads among its ranks on a machine
+(:func:`share`): the launcher sizes each CPU rank's pools (:data:`THREAD_VARS`) to its share, and
+:func:`follow` applies a rank's share of the executor's count (LOCAL_WORLD_SIZE: torchrun's ranks here).
 """
 
 from __future__ import annotations
@@ -15,12 +19,21 @@ import time
 from pathlib import Path
 
 ENV = "REFINE_THREADS_FILE"
+# Thread pools a process may start: OpenMP (torch's intra-op pool follows OMP_NUM_THREADS), MKL, OpenBLAS,
+# numexpr, Accelerate, rayon (tokenizers, polars).
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
+               "NUMEXPR_MAX_THREADS", "VECLIB_MAXIMUM_THREADS", "RAYON_NUM_THREADS")
 _last_read = float("-inf")
 
 
+def share(threads: int, ranks: int) -> int:
+    """Each of ``ranks`` processes' equal share of ``threads``, at least 1."""
+    return max(1, threads // max(1, ranks))
+
+
 def follow(interval: float = 2.0) -> int | None:
-    """Apply the executor's current thread count for this process, if it set one; returns the count applied
-    (None: no file, not due, or unreadable, in which case nothing changes)."""
+    """Apply the executor's current thread count for this process (a launched rank: its share), if it set
+    one; returns the count applied (None: no file, not due, or unreadable, in which case nothing changes)."""
     global _last_read
     path = os.environ.get(ENV)
     now = time.monotonic()
@@ -31,9 +44,12 @@ def follow(interval: float = 2.0) -> int | None:
         n = int(Path(path).read_text().strip())
     except (OSError, ValueError):
         return None
+    if n < 1:
+        return None
+    n = share(n, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))   # the count is the stage's, for all its ranks here
     import torch
 
-    if n >= 1 and n != torch.get_num_threads():
+    if n != torch.get_num_threads():
         torch.set_num_threads(n)
         return n
     return None

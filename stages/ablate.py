@@ -23,7 +23,8 @@ def main(args, cfg):
                          encoded=paths.ENCODED, trajectories=paths.TRAJECTORIES, headline=paths.STUDENT,
                          reference=paths.EVAL_REFERENCE, df=df, out_dir=paths.ABLATIONS / name,
                          work_dir=paths.CHECKPOINTS / "ablations" / name, stage1_prefixes=stage1_prefixes(args.seed))
-    write_run(name, m, ev.per_image, paths.ABLATION_METRICS, paths.PER_IMAGE / "ablations")
+    if ev is not None:  # None: a rank other than 0 of a launched run (rank 0 writes the run's results)
+        write_run(name, m, ev.per_image, paths.ABLATION_METRICS, paths.PER_IMAGE / "ablations")
 
 
 if __name__ == "__main__":

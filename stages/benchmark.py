@@ -10,7 +10,7 @@ from pipeline.evaluation.benchmark import run_benchmark
 from pipeline.metrics_io import write_json
 
 
-@stage(__doc__, kind="model")
+@stage(__doc__, kind="serial")
 def main(args, cfg):
     m = run_benchmark(cfg, paths.BACKBONE, {"teacher": paths.TEACHER, "student": paths.STUDENT},
                       paths.DISTILL_METRICS)

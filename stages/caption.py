@@ -29,7 +29,8 @@ def main(args, cfg):
     if out.is_dir() or out.suffix != ".parquet":
         out = out / "captions.parquet"
     df = caption_manifest(args.manifest, ccfg, out, parse_shard(args.shard), pseudo_labeller=args.pseudo_labeller)
-    print(f"{out}: {len(df)} captions " + str(df["caption_source"].value_counts().to_dict()))
+    if df is not None:  # None: a rank other than 0 of a launched run (rank 0 wrote the captions)
+        print(f"{out}: {len(df)} captions " + str(df["caption_source"].value_counts().to_dict()))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ A killed run resumes from its last checkpoint (checkpoints/distill_<stage>) when
 
 import sys
 
-from pipeline import paths
+from pipeline import distributed, paths
 from pipeline.distill.trainer import distill
 from pipeline.entry import arg, stage
 from pipeline.metrics_io import write_json
@@ -20,8 +20,9 @@ def main(args, cfg):
     m = distill(cfg, args.stage, foundation=paths.BACKBONE, teacher=paths.TEACHER, encoded=paths.ENCODED, out=out,
                 checkpoints=paths.CHECKPOINTS / dvc_stage, live=paths.DVCLIVE / dvc_stage, init=init,
                 trajectories=paths.TRAJECTORIES)
-    write_json(paths.DISTILL_METRICS / f"{args.stage}.json", m)
-    print(m)
+    if distributed.world().main:  # launched on several processes, rank 0 alone writes the outputs
+        write_json(paths.DISTILL_METRICS / f"{args.stage}.json", m)
+        print(m)
 
 
 if __name__ == "__main__":

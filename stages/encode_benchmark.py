@@ -10,7 +10,7 @@ from pipeline.entry import arg, stage
 from pipeline.metrics_io import write_json
 
 
-@stage(__doc__, arg("--out", default=str(paths.ENCODE_BENCHMARK_METRICS)), kind="model")
+@stage(__doc__, arg("--out", default=str(paths.ENCODE_BENCHMARK_METRICS)), kind="serial")
 def main(args, cfg):
     m = run_benchmark(cfg, cfg.encode_benchmark, foundation=paths.BACKBONE, teacher=paths.TEACHER,
                       encoded=paths.ENCODED, triplets=paths.TRIPLETS, captions=paths.CAPTIONS)

@@ -23,6 +23,8 @@ def main(args, cfg):
     df = evaluation_rows(cfg)
     evals = evaluate_models(cfg, runtime(cfg).load_foundation(paths.BACKBONE), MODELS, df,
                             reference=paths.EVAL_REFERENCE)
+    if evals is None:  # a rank other than 0 of a launched run: rank 0 merged the rows and writes the outputs
+        return
     write_evaluations(evals, paths.EVAL_METRICS, paths.PER_IMAGE)
     save_samples({k: v.samples for k, v in evals.items()}, df, cfg.data.image_size, paths.SAMPLES)
 

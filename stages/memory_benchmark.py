@@ -10,7 +10,7 @@ from pipeline.entry import CheckFailed, stage
 from pipeline.metrics_io import write_json
 
 
-@stage(__doc__, kind="model")
+@stage(__doc__, kind="serial")
 def main(args, cfg):
     m = run_memory_benchmark(cfg, triplets=paths.TRIPLETS, captions=paths.CAPTIONS, foundation=paths.BACKBONE,
                              teacher=paths.TEACHER, params=args.params)

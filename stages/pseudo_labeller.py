@@ -15,7 +15,7 @@ from pipeline.entry import CheckFailed, arg, stage
 
 @stage(__doc__, arg("--manifest", default=str(paths.TRIPLETS / "manifest.parquet")),
        arg("--out", default=str(paths.PSEUDO_LABELLER)), arg("--metrics", default=str(paths.PSEUDO_LABELLER_METRICS)),
-       kind="model")
+       kind="serial")
 def main(args, cfg):
     from pipeline.captions.pseudo_labeller import BelowThreshold, build  # torch: after params.yaml validates
 

@@ -12,7 +12,7 @@ from pipeline.evaluation.step_benchmark import run_step_benchmark
 from pipeline.metrics_io import write_json
 
 
-@stage(__doc__, arg("--out", default=str(paths.STEP_BENCHMARK_METRICS)), kind="model")
+@stage(__doc__, arg("--out", default=str(paths.STEP_BENCHMARK_METRICS)), kind="serial")
 def main(args, cfg):
     m = run_step_benchmark(cfg, cfg.step_benchmark, foundation=paths.BACKBONE, teacher=paths.TEACHER,
                            encoded=paths.ENCODED)

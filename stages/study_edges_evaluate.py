@@ -20,7 +20,8 @@ from pipeline.study_stage import study_stage
 def main(args, cfg, study):
     evals = evaluate_edges(cfg, evaluation_rows(cfg), foundation=paths.BACKBONE, teacher=S.EDGES_TEACHER,
                            reference=S.EDGES_REFERENCE)
-    write_evaluations(evals, S.EDGES_METRICS, S.EDGES_PER_IMAGE, condition="edges")
+    if evals is not None:  # None: a rank other than 0 of a launched run (rank 0 merged the rows and writes)
+        write_evaluations(evals, S.EDGES_METRICS, S.EDGES_PER_IMAGE, condition="edges")
 
 
 if __name__ == "__main__":

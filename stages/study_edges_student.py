@@ -23,7 +23,8 @@ def main(args, cfg, study):
     m, ev = run_student(cfg, args.seed, foundation=paths.BACKBONE, teacher=S.EDGES_TEACHER, encoded=S.EDGES_ENCODED,
                         reference=S.EDGES_REFERENCE, df=evaluation_rows(cfg), out_dir=S.EDGES_MODELS / name,
                         work_dir=S.EDGES_CHECKPOINTS / name)
-    write_run(name, m, ev.per_image, S.EDGES_METRICS, S.EDGES_PER_IMAGE)
+    if ev is not None:  # None: a rank other than 0 of a launched run (rank 0 writes the run's results)
+        write_run(name, m, ev.per_image, S.EDGES_METRICS, S.EDGES_PER_IMAGE)
 
 
 if __name__ == "__main__":

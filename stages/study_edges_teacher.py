@@ -7,7 +7,7 @@ edges: the scene's Sobel edge map as control image) trained on the world split (
 
 import sys
 
-from pipeline import paths
+from pipeline import distributed, paths
 from pipeline import studies as S
 from pipeline.metrics_io import write_json
 from pipeline.studies.edges import train_edges_teacher
@@ -20,8 +20,9 @@ LIVE = paths.DVCLIVE / "studies" / "edges_teacher"
 def main(args, cfg, study):
     m = train_edges_teacher(cfg, scenes=paths.SCENES, foundation=paths.BACKBONE, out=S.EDGES_TEACHER,
                             checkpoints=S.EDGES_CHECKPOINTS / "teacher", live=LIVE)
-    write_json(S.EDGES_METRICS / "teacher_train.json", m)
-    print(m)
+    if distributed.world().main:  # launched on several processes, rank 0 alone writes the outputs
+        write_json(S.EDGES_METRICS / "teacher_train.json", m)
+        print(m)
 
 
 if __name__ == "__main__":

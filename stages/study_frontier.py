@@ -24,7 +24,8 @@ def main(args, cfg, study):
                          encoded=paths.ENCODED, trajectories=paths.TRAJECTORIES, headline=paths.STUDENT,
                          reference=paths.EVAL_REFERENCE, df=evaluation_rows(cfg), out_dir=S.FRONTIER_MODELS / name,
                          work_dir=S.FRONTIER_CHECKPOINTS / name, stage1_prefixes=stage1_prefixes(args.seed))
-    write_run(name, m, ev.per_image, S.FRONTIER_RUNS, S.FRONTIER_PER_IMAGE)
+    if ev is not None:  # None: a rank other than 0 of a launched run (rank 0 writes the run's results)
+        write_run(name, m, ev.per_image, S.FRONTIER_RUNS, S.FRONTIER_PER_IMAGE)
 
 
 if __name__ == "__main__":

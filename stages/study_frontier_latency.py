@@ -11,7 +11,7 @@ from pipeline.studies.frontier import latency
 from pipeline.study_stage import study_stage
 
 
-@study_stage(__doc__, kind="model")
+@study_stage(__doc__, kind="serial")
 def main(args, cfg, study):
     write_json(S.FRONTIER_LATENCY, latency(cfg, study.frontier.depths, foundation=paths.BACKBONE,
                                            teacher=paths.TEACHER))

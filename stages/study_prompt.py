@@ -8,7 +8,7 @@ evaluated on the whole test split (pipeline/studies/prompt_quality.py).
 
 import sys
 
-from pipeline import paths
+from pipeline import distributed, paths
 from pipeline import studies as S
 from pipeline.entry import arg
 from pipeline.metrics_io import write_csv
@@ -26,6 +26,8 @@ def main(args, cfg, study):
         level_encoded=S.PROMPT_ENCODED / args.level, stage1=S.PROMPT_STAGE1 / f"s{args.seed}",
         reference=paths.EVAL_REFERENCE, df=df, out_dir=S.PROMPT_MODELS / name,
         work_dir=S.PROMPT_CHECKPOINTS / name, live=S.PROMPT_CHECKPOINTS / f"{name}-dvclive")
+    if not distributed.world().main:  # launched on several processes, rank 0 alone writes the run's results
+        return
     if per_image is None:  # nothing evaluated: one row per test image, no figures
         per_image = df[["id"]].assign(**{k: float("nan") for k in ("psnr", "ssim")})
     write_csv(S.PROMPT_RUNS / f"{name}-loss.csv", history)

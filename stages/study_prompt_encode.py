@@ -15,7 +15,7 @@ from pipeline.studies.prompt_quality import encode_level
 from pipeline.study_stage import prompt_level_name, study_stage
 
 
-@study_stage(__doc__, arg("level", type=prompt_level_name), kind="model")
+@study_stage(__doc__, arg("level", type=prompt_level_name), kind="serial")  # encode_level does not split its rows: one process
 def main(args, cfg, study):
     m = encode_level(cfg, args.level, foundation=paths.BACKBONE, encoded=paths.ENCODED, captions=paths.CAPTIONS,
                      out=S.PROMPT_ENCODED / args.level)

@@ -5,7 +5,7 @@ masked image) and keeps points of its trajectory for stage 2 with ``distill.stag
 
 import sys
 
-from pipeline import paths
+from pipeline import distributed, paths
 from pipeline.data.encode import joined
 from pipeline.distill.trajectories import SPLIT, write_trajectories
 from pipeline.entry import stage
@@ -21,7 +21,8 @@ def main(args, cfg):
     with stopwatch(rt.device) as t:
         m = write_trajectories(cfg, rt.load_foundation(paths.BACKBONE), rt.load_controlnet(paths.TEACHER),
                                df[df["split"] == SPLIT], paths.TRAJECTORIES)
-    write_json(paths.TRAJECTORY_METRICS, {**m, "seconds": t.seconds})
+    if distributed.world().main:  # launched on several processes, rank 0 alone writes the outputs
+        write_json(paths.TRAJECTORY_METRICS, {**m, "seconds": t.seconds})
     print(m)
 
 

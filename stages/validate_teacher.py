@@ -10,7 +10,7 @@ from pipeline.metrics_io import write_json
 from pipeline.validation.teacher_gate import teacher_gate
 
 
-@stage(__doc__, kind="model")
+@stage(__doc__, kind="serial")
 def main(args, cfg):
     m = teacher_gate(cfg, paths.SCENES, paths.BACKBONE, paths.TEACHER)
     write_json(paths.GATES / "teacher.json", m)

@@ -4,12 +4,14 @@ tests/test_distill.py::test_two_processes_train_as_one:
     python -m torch.distributed.run --standalone --nproc_per_node 2 -m tests.ddp_stage1 WORLD_ROOT OUT
 
 (`accelerate launch --cpu --num_processes 2` starts one process on this machine.) Every rank writes
-OUT/rank<i>.json (what its Accelerator saw) and OUT/rank<i>.safetensors (its final weights).
+OUT/rank<i>.json (what its Accelerator saw, and where the launcher put it: its node rank, local rank and
+launcher process, for tests/test_two_machines.py) and OUT/rank<i>.safetensors (its final weights).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -44,7 +46,13 @@ def main(root: Path, out: Path) -> None:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / f"rank{rank}.safetensors"))
     (out / f"rank{rank}.json").write_text(json.dumps({
         "num_processes": acc.num_processes, "distributed_type": acc.distributed_type.value, "metrics": metrics,
-        "frozen": [k for k, p in model.named_parameters() if not p.requires_grad]}))
+        "frozen": [k for k, p in model.named_parameters() if not p.requires_grad], **placement()}))
+
+
+def placement() -> dict:
+    """Where torchrun put this process: its node rank (GROUP_RANK), local rank, and the launcher (parent)."""
+    return {"node_rank": int(os.environ["GROUP_RANK"]), "local_rank": int(os.environ["LOCAL_RANK"]),
+            "launcher_pid": os.getppid()}
 
 
 if __name__ == "__main__":

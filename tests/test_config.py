@@ -6,7 +6,7 @@ import sys
 import pytest
 import yaml
 
-from pipeline.config import Config, ConfigError, from_dict
+from pipeline.config import Config, ConfigError, LaunchConfig, from_dict
 from tests.params import REPO, full
 
 
@@ -84,3 +84,16 @@ def test_ablation_seeds_must_be_headline_seeds():
         from_dict(raw)
     raw["ablations"]["seeds"] = [1]
     assert from_dict(raw).ablations.seeds == [1]
+
+
+def test_launch_defaults_to_one_process_and_validates():
+    """params launch (pipeline/launch.py): one process unless asked; a file without the section is one process."""
+    cfg = from_dict(full())
+    assert cfg.launch == LaunchConfig() and cfg.launch.world_size == 1
+    raw = full()
+    del raw["launch"]  # a params file from before the section: one process
+    assert from_dict(raw).launch.world_size == 1
+    with pytest.raises(ConfigError, match=r"launch\.machine_rank: 2 is not below launch\.machines \(2\)"):
+        from_dict(full({"launch": {"machines": 2, "machine_rank": 2}}))
+    with pytest.raises(ConfigError, match=r"launch\.porcesses: unknown key; did you mean 'launch\.processes'"):
+        from_dict(full({"launch": {"porcesses": 2}}))

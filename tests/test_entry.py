@@ -97,9 +97,12 @@ def test_python_m_stage_help_and_error_lines_name_the_module(tmp_path):
 
 
 def test_the_runner_imports_nothing_heavy():
-    """Every stage's code deps hold the runner's closure: pipeline.config (in all of them) and pipeline.atomic."""
+    """Every stage's code deps hold the runner's closure: pipeline.config (in all of them), pipeline.atomic,
+    the launcher (with pipeline.threads: its ranks' thread shares) and the device policy (its no-silent-CPU
+    check; imported by stages that run networks only)."""
     assert import_closure("pipeline.entry") == ["pipeline/__init__.py", "pipeline/atomic.py", "pipeline/config.py",
-                                                "pipeline/entry.py"]
+                                                "pipeline/device.py", "pipeline/entry.py", "pipeline/launch.py",
+                                                "pipeline/threads.py"]
     code = "import sys, pipeline.entry; print(sorted({'torch', 'diffusers', 'pandas'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

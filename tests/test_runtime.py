@@ -42,6 +42,22 @@ def test_device_and_dtype_policy():
     assert dtype_for(micro_config(**BF16_CPU), torch.device("cpu")) == torch.bfloat16
 
 
+def test_a_launched_rank_runs_on_the_gpu_of_its_local_rank(monkeypatch):
+    """Under a launcher (LOCAL_RANK set), auto and cuda resolve to cuda:LOCAL_RANK, so N ranks use N GPUs;
+    cuda:i would pile them onto one and is refused. One process and the CPU resolve as before."""
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda *a, **k: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert resolve_device("auto") == resolve_device("cuda") == torch.device("cuda")  # one process: as before
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert resolve_device("auto") == resolve_device("cuda") == torch.device("cuda", 3)
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="under a launcher: every rank would use that one GPU"):
+        resolve_device("cuda:0")
+
+
 @contextlib.contextmanager
 def spy_models(monkeypatch):
     """Record (model class, its parameters' dtype and device, trainable) at every call of a model."""

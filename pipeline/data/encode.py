@@ -12,8 +12,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from pipeline import distributed
 from pipeline.data.images import load_manifest, read_images, read_masks
-from pipeline.data.shards import write_shard_stream
+from pipeline.data.shards import concat_shards, write_shard_stream
 from pipeline.models import condition as conditions
 from pipeline.models import inpaint
 from pipeline.models.world import encode_prompts
@@ -58,15 +59,28 @@ def encode_rows(pipe, df: pd.DataFrame, image_size: int, max_sequence_length: in
 def encode_dataset(pipe, df: pd.DataFrame, out: Path, image_size: int, max_sequence_length: int,
                    shard: tuple[int, int] = (0, 1), batch: int = 256, condition: str = "inpaint") -> dict[str, int]:
     """Encode shard ``shard`` = (i, N) of every split, ``batch`` rows per model call (the stage passes
-    runtime.encode_batch_size), each micro-batch written into the split's shard file as it comes."""
+    runtime.encode_batch_size), each micro-batch written into the split's shard file as it comes. Returns
+    the shard's rows per split.
+
+    Launched on several processes (pipeline.distributed), each encodes a contiguous run of each split's
+    micro-batches into its part; rank 0 concatenates the parts into the shard files one process writes
+    (same names, same bytes), whatever the number of processes. ``--shard`` composes with it: the processes
+    share the shard's rows."""
     index, count = shard
+    w = distributed.connect(pipe.vae.device)
     counts = {}
-    for split, part in df.groupby("split"):
-        rows = shard_rows(part, index, count)
-        if len(rows):
-            chunks = ({k: v.cpu() for k, v in encode_rows(pipe, rows.iloc[i:i + batch], image_size,
-                                                            max_sequence_length, condition).items()}
-                      for i in tqdm(range(0, len(rows), batch), desc=f"encode {split}", leave=False))
-            write_shard_stream(Path(out) / split, index, count, list(rows["id"]), chunks)
-        counts[split] = len(rows)
+    with distributed.parts("encode", w) as job:
+        dest = Path(out) if job is None else job.mine
+        for split, part in df.groupby("split"):
+            rows = shard_rows(part, index, count)
+            mine = rows.iloc[w.rows(len(rows), batch)]
+            if len(mine):
+                chunks = ({k: v.cpu() for k, v in encode_rows(pipe, mine.iloc[i:i + batch], image_size,
+                                                                max_sequence_length, condition).items()}
+                          for i in tqdm(range(0, len(mine), batch), desc=f"encode {split}", leave=False))
+                write_shard_stream(dest / split, index, count, list(mine["id"]), chunks)
+            counts[split] = len(rows)
+        if job is not None and (dirs := job.gather()) is not None:
+            for split in counts:
+                concat_shards([d / split for d in dirs], Path(out) / split, index, count)
     return counts

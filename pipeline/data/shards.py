@@ -12,7 +12,8 @@ so N shards read exactly as one.
 Memory does not grow with the data: ``write_shard_stream`` writes a shard from micro-batches as they are
 encoded (each batch's rows straight to their offsets in the file), and ``EncodedSplit`` reads the rows of
 one batch from the files that hold them. At SD3 size a row is ~6 MB (prompt_embeds alone 333 x 4096
-floats), so a split held in RAM would be hundreds of GB.
+floats), so a split held in RAM would be hundreds of GB. ``concat_shards`` joins the shards that several
+processes wrote of consecutive rows (pipeline.distributed) into the file one process writes, streamed.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import itertools
 import json
 import struct
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -45,10 +46,33 @@ TENSOR_KEYS = tensor_keys("inpaint")
 _ST_DTYPE = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
              torch.bool: "BOOL"}
+_TORCH_DTYPE = {v: k for k, v in _ST_DTYPE.items()}
 
 
 def shard_name(index: int, count: int) -> str:
     return f"shard-{index:05d}-of-{count:05d}"
+
+
+Rows = dict[str, tuple[torch.dtype, tuple[int, ...]]]   # a shard's tensors: key -> (dtype, one row's shape)
+
+
+def _layout(rows: Rows, n: int) -> tuple[bytes, dict[str, int], dict[str, int]]:
+    """The safetensors file of ``n`` rows of ``rows`` (key -> (dtype, per-row shape), in file order): its
+    first bytes (header length + header), each key's data start (from the end of those bytes) and bytes a row."""
+    row_bytes = {k: int(np.prod(s, dtype=np.int64)) * torch.empty((), dtype=d).element_size()
+                 for k, (d, s) in rows.items()}
+    header, start, end = {}, {}, 0
+    for k, (d, s) in rows.items():
+        header[k] = {"dtype": _ST_DTYPE[d], "shape": [n, *s], "data_offsets": [end, end + n * row_bytes[k]]}
+        start[k] = end
+        end += n * row_bytes[k]
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # safetensors aligns the data to 8 bytes
+    return struct.pack("<Q", len(head)) + head, start, row_bytes
+
+
+def _write_ids(split_dir: Path, name: str, ids: list[str]) -> None:
+    write_file(split_dir / f"{name}.parquet", lambda tmp: pd.DataFrame({"id": ids}).to_parquet(tmp, index=False))
 
 
 def write_shard_stream(split_dir: Path, index: int, count: int, ids: list[str],
@@ -66,19 +90,11 @@ def write_shard_stream(split_dir: Path, index: int, count: int, ids: list[str],
         if first is None:
             raise ValueError(f"{split_dir}/{name}: no rows to write")
         rows = {k: (v.dtype, tuple(v.shape[1:])) for k, v in first.items()}
-        row_bytes = {k: int(np.prod(s, dtype=np.int64)) * torch.empty((), dtype=d).element_size()
-                     for k, (d, s) in rows.items()}
-        header, end = {}, 0
-        for k in rows:
-            header[k] = {"dtype": _ST_DTYPE[rows[k][0]], "shape": [n, *rows[k][1]],
-                         "data_offsets": [end, end + n * row_bytes[k]]}
-            end += n * row_bytes[k]
-        head = json.dumps(header, separators=(",", ":")).encode()
-        head += b" " * (-len(head) % 8)  # safetensors aligns the data to 8 bytes
-        base, done = 8 + len(head), 0
+        head, start, row_bytes = _layout(rows, n)
+        base, done = len(head), 0
         with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(head)) + head)
-            f.truncate(base + end)
+            f.write(head)
+            f.truncate(base + sum(n * b for b in row_bytes.values()))
             for batch in itertools.chain([first], it):
                 sizes = {len(v) for v in batch.values()}
                 got = {k: (v.dtype, tuple(v.shape[1:])) for k, v in batch.items()}
@@ -87,7 +103,7 @@ def write_shard_stream(split_dir: Path, index: int, count: int, ids: list[str],
                     raise ValueError(f"{split_dir}/{name}: a batch of tensors {got} ({sizes} rows) does not "
                                      f"match the shard's {rows} for {n} ids after {done} rows")
                 for k, v in batch.items():
-                    f.seek(base + header[k]["data_offsets"][0] + done * row_bytes[k])
+                    f.seek(base + start[k] + done * row_bytes[k])
                     f.write(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().data)
                 done += m
         if done != n:
@@ -95,7 +111,62 @@ def write_shard_stream(split_dir: Path, index: int, count: int, ids: list[str],
 
     split_dir.mkdir(parents=True, exist_ok=True)
     write_file(split_dir / f"{name}.safetensors", write)
-    write_file(split_dir / f"{name}.parquet", lambda tmp: pd.DataFrame({"id": ids}).to_parquet(tmp, index=False))
+    _write_ids(split_dir, name, ids)
+    return split_dir / f"{name}.safetensors"
+
+
+def _read_layout(path: Path) -> tuple[int, Rows, dict[str, int], int]:
+    """(header bytes, key -> (dtype, per-row shape) in file order, key -> data start, rows) of a shard file."""
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    keys = sorted(header, key=lambda k: header[k]["data_offsets"][0])
+    rows = {k: (_TORCH_DTYPE[header[k]["dtype"]], tuple(header[k]["shape"][1:])) for k in keys}
+    n = {header[k]["shape"][0] for k in keys}
+    if len(n) != 1:
+        raise ValueError(f"{path}: tensors of {sorted(n)} rows")
+    return 8 + size, rows, {k: header[k]["data_offsets"][0] for k in keys}, n.pop()
+
+
+def concat_shards(part_dirs: Sequence[Path], split_dir: Path, index: int, count: int,
+                  chunk: int = 1 << 26) -> Path | None:
+    """Shard ``index`` of ``count`` of a split, written into ``split_dir`` as the rows of the same shard in
+    ``part_dirs`` (pipeline.distributed: the ranks' parts, in rank order; a part without the file holds no
+    rows), concatenated: the same bytes write_shard_stream writes for all the rows at once. Streamed key
+    by key, ``chunk`` bytes at a time: memory holds no tensor. None when no part holds a row."""
+    name = shard_name(index, count)
+    files = [Path(d) / f"{name}.safetensors" for d in part_dirs if (Path(d) / f"{name}.safetensors").is_file()]
+    if not files:
+        return None
+    layouts = [_read_layout(f) for f in files]
+    rows = layouts[0][1]
+    if any(lay[1] != rows for lay in layouts):
+        raise ValueError(f"{split_dir}/{name}: parts hold different tensors {[lay[1] for lay in layouts]}")
+    ids = [i for f in files for i in pd.read_parquet(f.with_suffix(".parquet"))["id"]]
+    if len(ids) != sum(lay[3] for lay in layouts):
+        raise ValueError(f"{split_dir}/{name}: {len(ids)} ids for {sum(lay[3] for lay in layouts)} tensor rows")
+    head, start, row_bytes = _layout(rows, len(ids))
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as out:
+            out.write(head)
+            for k in rows:
+                for f, (base, _, part_start, n) in zip(files, layouts):
+                    with open(f, "rb") as src:
+                        src.seek(base + part_start[k])
+                        left = n * row_bytes[k]
+                        while left:
+                            data = src.read(min(chunk, left))
+                            if not data:
+                                raise ValueError(f"{f}: cut short")
+                            out.write(data)
+                            left -= len(data)
+
+    split_dir = Path(split_dir)
+    split_dir.mkdir(parents=True, exist_ok=True)
+    write_file(split_dir / f"{name}.safetensors", write)
+    _write_ids(split_dir, name, ids)
     return split_dir / f"{name}.safetensors"
 
 

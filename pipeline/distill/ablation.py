@@ -83,31 +83,44 @@ def run_ablation(cfg: Config, variant: str, seed: int, *, foundation: Path, teac
     """Train one variant at one seed into ``out_dir`` (or take the ``headline`` student when the run is it)
     and evaluate it on ``df`` (the test rows) against the teacher's outputs in ``reference``. Stage 1 starts
     from the newest checkpoint of ``stage1_prefixes`` with its key, if any (read, never changed). Returns
-    (metrics, pipeline.evaluation.evaluate.Evaluation)."""
+    (metrics, pipeline.evaluation.evaluate.Evaluation).
+
+    Launched on several processes (pipeline.distributed): training is DDP (pipeline.training.Loop, rank 0
+    saves), the evaluation splits the rows; rank 0 returns the results and alone writes the run's folders,
+    the other ranks return ({}, None)."""
+    from pipeline import distributed
     from pipeline.distill.trainer import distill
     from pipeline.evaluation.evaluate import PROMPT_COLUMNS, evaluate_model
     from pipeline.runtime import runtime
 
     vcfg, two_stage = variant_config(cfg, variant, seed)
     work_dir, out_dir = Path(work_dir), Path(out_dir)
+    rt = runtime(vcfg)
+    w = distributed.connect(rt.device)
     metrics: dict = {}
     if two_stage and vcfg == cfg:  # is_headline, without building the Config twice
         model = Path(headline)
-        with write_dir(out_dir) as tmp:  # the run's DVC output: a pointer, not a second copy of the weights
-            (tmp / "README.md").write_text(f"{run_name(variant, seed)} is the headline student: {model} "
-                                           "(same Config; evaluated, not trained again).\n")
+        if w.main:
+            with write_dir(out_dir) as tmp:  # the run's DVC output: a pointer, not a second copy of the weights
+                (tmp / "README.md").write_text(f"{run_name(variant, seed)} is the headline student: {model} "
+                                               "(same Config; evaluated, not trained again).\n")
     else:
         model = out_dir
-        shutil.rmtree(work_dir, ignore_errors=True)
+        if w.main:
+            shutil.rmtree(work_dir, ignore_errors=True)
         kw = dict(foundation=foundation, teacher=teacher, encoded=encoded, live=None, trajectories=trajectories)
         s1_out = work_dir / "stage1" if two_stage else out_dir
+        distributed.barrier()  # no rank trains into work_dir before rank 0 has cleared it
+        # distill returns on every rank once rank 0 has saved: stage 2 and the evaluation read the weights
         metrics = distill(vcfg, "stage1", out=s1_out, checkpoints=work_dir / "ck1", prefixes=stage1_prefixes, **kw)
         if two_stage:
             metrics.update(distill(vcfg, "stage2", out=out_dir, checkpoints=work_dir / "ck2", init=s1_out, **kw))
-        shutil.rmtree(work_dir, ignore_errors=True)
-    pipe = runtime(vcfg).load_foundation(foundation)
-    ev = evaluate_model(vcfg, pipe, variant, model, df, prompt=PROMPT_COLUMNS[vcfg.distill.stage1.prompt],
-                        reference=reference)
+        if w.main:
+            shutil.rmtree(work_dir, ignore_errors=True)
+    ev = evaluate_model(vcfg, rt.load_foundation(foundation), variant, model, df,
+                        prompt=PROMPT_COLUMNS[vcfg.distill.stage1.prompt], reference=reference)
+    if ev is None:
+        return {}, None
     d = vcfg.distill
     return {**ev.summary, **metrics, "variant": variant, "seed": seed, "two_stage": int(two_stage),
             "model": str(model), "batch_size": d.stage1.train.batch_size,

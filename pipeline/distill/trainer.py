@@ -16,6 +16,7 @@ from typing import Collection, Literal, Sequence
 import torch
 from diffusers import SD3ControlNetModel
 
+from pipeline import distributed
 from pipeline.config import Config, StageConfig
 from pipeline.data.shards import EncodedSplit
 from pipeline.distill.losses import af_loss, check_weights, distill_loss, task_loss
@@ -232,7 +233,8 @@ def distill(cfg: Config, stage: Stage, *, foundation: Path, teacher: Path, encod
     """Train one stage into ``out`` (None: only the checkpoints). ``trajectories``: the teacher's trajectory
     points (pipeline.distill.trajectories), read when stage 2's noisy input is the teacher's. ``prefixes``:
     other runs' checkpoint folders to start from when their key is this run's (pipeline.training.Loop);
-    ``keep_checkpoints``: default distill.keep_checkpoints."""
+    ``keep_checkpoints``: default distill.keep_checkpoints. Launched on several processes (DDP), every rank
+    trains and returns the metrics; rank 0 alone writes ``out``, and every rank returns once it has."""
     stage_cfg: StageConfig = getattr(cfg.distill, stage)
     from_teacher = stage == "stage2" and cfg.distill.stage2.noisy == "teacher"
     if from_teacher and trajectories is None:
@@ -275,10 +277,11 @@ def distill(cfg: Config, stage: Stage, *, foundation: Path, teacher: Path, encod
     metrics = {f"{stage}_train_seconds": result.seconds, f"{stage}_samples_per_s": result.samples_per_second,
                f"{stage}_steps": result.steps, f"{stage}_steps_trained_here": result.steps - result.prefix_steps,
                **{f"{stage}_final_{k}": v for k, v in result.last.items()}}
-    # one writer when several processes train
+    # one writer when several processes train; the others wait for its save, so a caller may read ``out``
     if out is not None and result.steps == stage_cfg.train.steps and result.main:
         save_atomic(loop.model.eval(), out)
         write_model_card(out, cfg, stage, metrics, loss.pairs)
+    distributed.barrier()
     return metrics
 
 

@@ -21,10 +21,11 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.atomic import write_dir
+from pipeline import distributed
+from pipeline.atomic import check_replaceable, write_dir
 from pipeline.config import Config
 from pipeline.data.images import read_images, read_masks
-from pipeline.data.shards import EncodedSplit, write_shard_stream
+from pipeline.data.shards import EncodedSplit, concat_shards, write_shard_stream
 from pipeline.evaluation.sampler import inpaint_images
 from pipeline.models.mapping import TEACHER_CONVENTION
 
@@ -53,14 +54,20 @@ def chosen_steps(cfg: Config, position: int) -> list[int]:
 @torch.no_grad()
 def write_trajectories(cfg: Config, pipe, teacher, rows: pd.DataFrame, out: Path, progress: bool = True) -> dict:
     """Sample ``rows`` (the unlabelled split with pseudo prompts, ordered by id) with the teacher and write
-    the kept points to ``out``. Returns counts for the metrics."""
+    the kept points to ``out``. Returns counts for the metrics.
+
+    Launched on several processes (pipeline.distributed), each samples a contiguous run of the micro-batches
+    (row i keeps its seed + i and its steps) into its part; rank 0 concatenates them into the file one
+    process writes."""
     tc, step = cfg.trajectories, cfg.runtime.sample_batch_size
     rows = rows.sort_values("id", kind="stable").reset_index(drop=True)
+    w = distributed.connect(pipe.transformer.device)
+    mine = w.rows(len(rows), step)
     steps = [chosen_steps(cfg, i) for i in range(len(rows))]
-    ids = [point_id(r, k) for r in rows["id"] for k in range(tc.points_per_image)]
+    ids = [point_id(r, k) for r in rows["id"].iloc[mine] for k in range(tc.points_per_image)]
 
     def batches():
-        for i in tqdm(range(0, len(rows), step), desc="teacher trajectories", disable=not progress):
+        for i in tqdm(range(mine.start, mine.stop, step), desc="teacher trajectories", disable=not progress):
             chunk = rows.iloc[i:i + step]
             images = read_images(chunk["image"], cfg.data.image_size)
             masks = read_masks(chunk["mask"], cfg.data.image_size)
@@ -81,9 +88,19 @@ def write_trajectories(cfg: Config, pipe, teacher, rows: pd.DataFrame, out: Path
             yield {"noisy": torch.stack([x for x, _ in points]),
                    "timestep": torch.tensor([t for _, t in points], dtype=torch.float32)}
 
-    with write_dir(out) as tmp:
-        write_shard_stream(tmp / SPLIT, 0, 1, ids, batches())
-    return {"rows": len(rows), "points": len(ids), "points_per_image": tc.points_per_image,
+    with distributed.parts("trajectories", w) as job:
+        if job is None:
+            with write_dir(out) as tmp:
+                write_shard_stream(tmp / SPLIT, 0, 1, ids, batches())
+        else:
+            check_replaceable(out)  # every rank: a wrong output path fails before the sampling
+            if ids:
+                write_shard_stream(job.mine / SPLIT, 0, 1, ids, batches())
+            if (dirs := job.gather()) is not None:
+                with write_dir(out) as tmp:
+                    if concat_shards([d / SPLIT for d in dirs], tmp / SPLIT, 0, 1) is None:
+                        raise ValueError(f"{out}: no rows to sample")
+    return {"rows": len(rows), "points": len(rows) * tc.points_per_image, "points_per_image": tc.points_per_image,
             "num_inference_steps": tc.num_inference_steps}
 
 

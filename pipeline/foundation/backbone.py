@@ -18,6 +18,8 @@ from pipeline.training import Loop, save_atomic
 
 def train_backbone(cfg: Config, scenes_dir: Path, vae_dir: Path, out: Path, checkpoints: Path,
                    live: Path | None) -> dict:
+    """Train into ``out`` (the whole pipeline folder) -> its metrics. Launched on several processes, every
+    rank trains (DDP) and rank 0 alone saves and returns the metrics; the others return {}."""
     df = scenes(scenes_dir, TRAIN_SPLITS)
     vae = AutoencoderKL.from_pretrained(vae_dir).eval().requires_grad_(False)
     comps = build_text_components(cfg, df)
@@ -45,6 +47,8 @@ def train_backbone(cfg: Config, scenes_dir: Path, vae_dir: Path, out: Path, chec
                 checkpoint_every=cfg.distill.checkpoint_every, keep_checkpoints=1, live_dir=live, fingerprint=f"{cfg.seed}{cfg.scheduler}{cfg.backbone.prompt_dropout}",
                 frozen={"vae": vae, **empty}, device=cfg.runtime.device)
     result = loop.run()
+    if not result.main:  # several processes trained it (DDP): rank 0 alone saves
+        return {}
     backbone = loop.model.eval().requires_grad_(False)
     pipe = StableDiffusion3Pipeline(transformer=backbone, scheduler=scheduler, vae=vae,
                                     text_encoder_3=None, tokenizer_3=None, **comps)

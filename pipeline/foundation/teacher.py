@@ -23,6 +23,8 @@ from pipeline.training import Loop, save_atomic
 
 def train_teacher(cfg: Config, scenes_dir: Path, foundation_dir: Path, out: Path, checkpoints: Path,
                   live: Path | None) -> dict:
+    """Train into ``out`` -> its metrics. Launched on several processes, every rank trains (DDP) and rank 0
+    alone saves and returns the metrics; the others return {}."""
     pipe = load_foundation(foundation_dir)
     df = scenes(scenes_dir, TRAIN_SPLITS)
     images, masks = pixels(df, cfg.data.image_size)
@@ -51,6 +53,8 @@ def train_teacher(cfg: Config, scenes_dir: Path, foundation_dir: Path, out: Path
                 on_start=lambda acc: pipe.transformer.to(acc.device, dtype_for(cfg, acc.device)),
                 frozen={"backbone": pipe.transformer, "vae": pipe.vae, **empty}, device=cfg.runtime.device)
     result = loop.run()
+    if not result.main:  # several processes trained it (DDP): rank 0 alone saves
+        return {}
     save_atomic(loop.model.eval(), out)
     return {"teacher_train_seconds": result.seconds, "teacher_final_loss": result.last.get("loss"),
             "teacher_samples_per_s": result.samples_per_second}

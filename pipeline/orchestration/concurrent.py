@@ -21,15 +21,19 @@
   outputs removed as ``dvc repro`` removes them, its ``cmd`` (as dvc.yaml says, matrix items resolved) in
   the workspace, then ``dvc commit --force <stage>``; the DVC calls one at a time under the lock, the
   commands side by side. Output goes to the task's log and to ``.dvc/tmp/concurrent/<stage>.log``.
-* Stages listed in ``flows.sharded`` or run under ``accelerate launch`` use every core / device of their
-  own: they run *exclusively* (when nothing else runs; nothing is launched beside them), exactly as the
-  sequential flow runs them (:func:`run_stage`).
+* Model stages whose command starts several ranks (params ``launch``: :func:`.settings.launches_ranks`)
+  use every core / device of their own: they run *exclusively* (when nothing else runs; nothing is
+  launched beside them), exactly as the sequential flow runs them (:func:`run_stage`).
 * A failure raises the stage's :class:`.stages.StageFailed` (naming it, with its output's tail) after the
   stages still running have finished (and been committed); no stage is launched after a failure.
+* On a Dask cluster (``flows.dask_address``: prefect-dask's DaskTaskRunner, workers on other machines;
+  :mod:`.cluster` says what they must share) the cluster, not ``jobs``, bounds what runs at once: every
+  ready stage is submitted, each worker thread runs one with its share of its machine's CPUs
+  (:func:`.cluster.stage_threads`; no threads lent across machines), and each result names its worker.
 
 :func:`run_concurrently` is the scheduler (any ``submit``: Prefect tasks, or plain futures in tests);
 :func:`concurrent_flow` runs it as a Prefect flow whose tasks go to a ThreadPoolTaskRunner(max_workers=jobs),
-or to prefect-dask's DaskTaskRunner when ``flows.dask_address`` is set.
+or to the Dask cluster.
 """
 
 from __future__ import annotations
@@ -47,20 +51,19 @@ from typing import Any, Callable, Iterable
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from pipeline.orchestration.dag import Stage, dvc_stages, stage_matches
+from pipeline.orchestration.cluster import stage_threads
+from pipeline.orchestration.dag import Stage, dvc_stages
 from pipeline.paths import RUN_TIME
 from pipeline.orchestration.settings import FlowSettings
-from pipeline.orchestration.shards import dask_task_runner, run_sharded_stage
+from pipeline.orchestration.shards import dask_task_runner
 from pipeline.orchestration.stages import (
     DVC,
     _gate_mtimes,
     _retry_transient,
-    accelerate_command,
     command_env,
     dvc_lock,
     dvc_stage_is_current,
     dvc_stage_task,
-    launched_stage_task,
     run_logger,
     run_outside_repro,
     stage_failure,
@@ -201,29 +204,27 @@ def run_stage_command(stage: str, cmd: str, workspace: str | Path, threads: int,
       retry_condition_fn=_retry_transient)
 def concurrent_stage_task(stage: str, cmd: str, workspace: str, threads: int, check: bool = True,
                           no_retry: list[str] | None = None) -> dict:
-    """One stage run beside others (:func:`run_stage_command`) as a Prefect task."""
-    return run_stage_command(stage, cmd, workspace, threads, check=check, no_retry=no_retry or ())
+    """One stage run beside others (:func:`run_stage_command`) as a Prefect task; on a Dask worker with
+    that machine's share of threads instead of ``threads``, and the worker's address in the result."""
+    threads, worker = stage_threads(threads)
+    result = run_stage_command(stage, cmd, workspace, threads, check=check, no_retry=no_retry or ())
+    return {**result, **({"worker": worker} if worker else {})}
 
 
 # ----------------------------------------------------------------------------- sequential dispatch
 
 
-def is_exclusive(stage: Stage, settings: FlowSettings) -> bool:
-    """Sharded stages and stages run under ``accelerate launch`` (every core / device of their own)."""
-    return stage.address in settings.sharded or bool(
-        settings.accelerate_config and any(stage_matches(stage, g) for g in settings.accelerate_stages))
+def is_exclusive(stage: Stage, settings: FlowSettings,
+                 launches: Callable[[str], bool] = lambda cmd: False) -> bool:
+    """Stages whose command starts several ranks (``launches``: :func:`.settings.launches_ranks`): every
+    core / device of their own."""
+    return launches(stage.cmd)
 
 
 def run_stage(stage: Stage, workspace: str, settings: FlowSettings, force: bool = False) -> dict:
-    """One stage, run inside a flow the way the sequential flow runs it: sharded through Dask
-    (``flows.sharded``), under ``accelerate launch`` (``flows.accelerate_*``), else
-    ``dvc repro --single-item`` as a task."""
+    """One stage, run inside a flow the way the sequential flow runs it: ``dvc repro --single-item`` as a
+    task (a model stage's command starts its own ranks: pipeline/launch.py)."""
     retry = {"retries": settings.retries, "retry_delay_seconds": settings.retry_delay_seconds}
-    if stage.address in settings.sharded:
-        return run_sharded_stage(stage.address, settings.sharded[stage.address], workspace, settings)
-    if is_exclusive(stage, settings):
-        cmd = accelerate_command(stage.cmd, settings.accelerate_config)
-        return launched_stage_task.with_options(**retry)(stage.address, cmd, workspace)
     return dvc_stage_task.with_options(**retry)(stage.address, workspace, force, settings.no_retry_stages)
 
 
@@ -241,6 +242,7 @@ def run_concurrently(
     run_exclusive: Callable[[Stage], dict] | None = None,
     seconds: dict[str, float] | None = None,
     retune: Callable[[Stage, int], None] | None = None,
+    lend: bool = True,
 ) -> list[dict]:
     """Run ``stages`` (DAG order) as their upstream stages finish, within ``jobs`` threads.
 
@@ -248,10 +250,11 @@ def run_concurrently(
     (``add_done_callback``, ``result``). Stages for which ``exclusive`` is true are run
     by ``run_exclusive(stage)`` in this thread, alone. ``seconds`` (an earlier run's stage times) orders
     ready stages by critical path; ``retune(stage, threads)`` changes a running stage's threads (default:
-    its :func:`thread_file`). Returns the stages' results in DAG order; raises the first failure once the
-    running stages have finished."""
+    its :func:`thread_file`); ``lend=False``: idle threads are never lent (a cluster's threads belong to
+    its machines). Returns the stages' results in DAG order; raises the first failure once the running
+    stages have finished."""
     workspace = Path(workspace)
-    retune = retune or (lambda st, n: set_threads(thread_file(workspace, st.address), n))
+    retune = None if not lend else retune or (lambda st, n: set_threads(thread_file(workspace, st.address), n))
     return _Scheduler(stages, workspace, jobs, submit, force, exclusive, run_exclusive,
                       critical_path(stages, seconds or {}), retune).run()
 
@@ -268,11 +271,12 @@ class _Running:
 
 class _Scheduler:
     """:func:`run_concurrently`'s state: the stages not finished yet (``pending``), those known to need a run
-    (``to_run``: asked, or forced), the running ones, the threads free, the first failure."""
+    (``to_run``: asked, or forced), the running ones, the threads free, the first failure. ``retune`` None:
+    no thread is lent."""
 
     def __init__(self, stages: list[Stage], workspace: Path, jobs: int, submit: Callable[[Stage, int], Any],
                  force: bool, exclusive: Callable[[Stage], bool], run_exclusive: Callable[[Stage], dict] | None,
-                 path: dict[str, float], retune: Callable[[Stage, int], None]):
+                 path: dict[str, float], retune: Callable[[Stage, int], None] | None):
         self.log = run_logger()
         self.stages, self.workspace, self.jobs, self.submit, self.force = stages, workspace, jobs, submit, force
         self.exclusive, self.run_exclusive, self.path, self.retune = exclusive, run_exclusive, path, retune
@@ -325,7 +329,8 @@ class _Scheduler:
             self._take_back(len(runnable))
         if not lone and runnable and self.free:
             self._launch(runnable)
-        if self.free and self.running and (lone or not runnable):  # idle threads: to the longest path running
+        # idle threads: to the running stage with the longest path (unless nothing is lent)
+        if self.retune and self.free and self.running and (lone or not runnable):
             self._lend(self.free, max(self.running, key=lambda a: self.path[a]))
             self.free = 0
         return False
@@ -351,7 +356,7 @@ class _Scheduler:
 
     def _run_alone(self, stage: Stage) -> None:
         """Run an exclusive stage in this thread; its failure is kept (raised once nothing runs)."""
-        self.log.info("running '%s' alone (sharded / accelerate launch)", stage.address)
+        self.log.info("running '%s' alone (several ranks)", stage.address)
         try:
             self._finish(stage.address, self.run_exclusive(stage))
         except BaseException as exc:       # noqa: BLE001 -- reported below, after the others
@@ -410,10 +415,13 @@ class _Scheduler:
 def concurrent_flow(workspace: str, stages: list[str], jobs: int, force: bool = False) -> list[dict]:
     """The stages ``stages`` (addresses; the DAG between them from DVC) run side by side within ``jobs``
     threads, in critical-path order by the stage times of the last recorded run (``reports/run_time.json``,
-    what ``make run`` writes); the flow's task runner runs :func:`concurrent_stage_task`."""
-    from pipeline.orchestration.settings import flow_settings
+    what ``make run`` writes); the flow's task runner runs :func:`concurrent_stage_task`. On a Dask cluster
+    a stage's threads are its worker's (:func:`.cluster.stage_threads`): none are lent."""
+    from pipeline.orchestration.settings import flow_settings, launches_ranks
 
     settings = flow_settings(workspace)
+    # one machine: a stage on every device runs alone; on a Dask cluster each worker's machine bounds its own
+    launches = (lambda cmd: False) if settings.dask_address else launches_ranks(workspace)
     wanted = set(stages)
     chosen = [s for s in dvc_stages(workspace) if s.address in wanted]
     if len(chosen) != len(wanted):
@@ -425,9 +433,10 @@ def concurrent_flow(workspace: str, stages: list[str], jobs: int, force: bool = 
         return stage_task.submit(stage.address, stage.cmd, workspace, threads, False, settings.no_retry_stages)
 
     return run_concurrently(chosen, workspace, jobs, submit, force=force,
-                            exclusive=lambda s: is_exclusive(s, settings),
+                            exclusive=lambda s: is_exclusive(s, settings, launches),
                             run_exclusive=lambda s: run_stage(s, workspace, settings, force),
-                            seconds=stage_seconds(Path(workspace) / RUN_TIME))
+                            seconds=stage_seconds(Path(workspace) / RUN_TIME),
+                            lend=not settings.dask_address)
 
 
 def task_runner(jobs: int, settings: FlowSettings):
@@ -441,9 +450,13 @@ def task_runner(jobs: int, settings: FlowSettings):
 
 def run_stages(stages: list[Stage], workspace: str, settings: FlowSettings, jobs: int,
                force: bool = False) -> list[dict]:
-    """Run ``stages`` (call inside a flow): concurrently through :func:`concurrent_flow` when ``jobs`` > 1,
-    else one after another as before (``dvc repro --single-item``, sharded, accelerate)."""
-    if jobs <= 1:
+    """Run ``stages`` (call inside a flow): on the Dask cluster at ``flows.dask_address`` when set (every
+    ready stage submitted: the workers' threads bound what runs at once), else concurrently through
+    :func:`concurrent_flow` when ``jobs`` > 1, else one after another as before (``dvc repro
+    --single-item``)."""
+    if settings.dask_address:
+        jobs = len(stages)
+    elif jobs <= 1:
         return [run_stage(stage, workspace, settings, force) for stage in stages]
     flow_ = concurrent_flow.with_options(task_runner=task_runner(jobs, settings))
     return flow_(workspace, [s.address for s in stages], jobs, force)

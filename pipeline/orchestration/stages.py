@@ -1,7 +1,7 @@
 """Running one DVC stage: ``dvc repro --single-item <stage>`` with its output streamed into the Prefect
 task's log, failures raised as :class:`StageFailed` (naming the stage, ending with the output's tail),
 transient failures retried and validation failures (:class:`GateFailed`, :class:`NotRetried`) not; and
-stages run by their own command (``accelerate launch``, shards, :mod:`.concurrent`) recorded afterwards
+stages run by their own command (:mod:`.concurrent`) recorded afterwards
 with ``dvc commit``: before such a command, the stage's outputs are removed as ``dvc repro`` removes them
 (persistent ones kept), and every DVC call about it is made under :func:`dvc_lock`.
 """
@@ -197,7 +197,7 @@ def remove_outs(stage: str, workspace: str | Path) -> None:
 
 
 def commit_stage(stage: str, workspace: str | Path) -> None:
-    """Record outputs produced outside ``dvc repro`` (sharded or accelerate runs) in dvc.lock and the cache."""
+    """Record outputs produced outside ``dvc repro`` (concurrent runs) in dvc.lock and the cache."""
     rc, tail = stream_command([*DVC, "commit", "--force", stage], workspace)
     if rc:
         raise StageFailed(stage, f"'dvc commit {stage}' failed (exit {rc})", tail, rc)
@@ -220,26 +220,3 @@ def run_outside_repro(stage: str, workspace: str | Path, run: Callable[[], Any],
     with dvc_lock(workspace):
         commit_stage(stage, workspace)
     return {"stage": stage, "skipped": False}
-
-
-def accelerate_command(cmd: str, config_file: str) -> str:
-    """``python -m mod args`` / ``python script.py args`` -> ``accelerate launch --config_file CFG ...``."""
-    argv = shlex.split(cmd)
-    if not argv or Path(argv[0]).name not in {"python", "python3", Path(sys.executable).name}:
-        raise ValueError(f"cannot launch through accelerate: {cmd!r} is not a 'python ...' command")
-    return shlex.join([sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file,
-                       *argv[1:]])
-
-
-@task(name="dvc-stage-launched", task_run_name="{stage}", cache_policy=NO_CACHE,
-      retry_condition_fn=_retry_transient)
-def launched_stage_task(stage: str, cmd: str, workspace: str) -> dict:
-    """Run a stage's command through ``accelerate launch`` (multi-GPU / multi-node), then ``dvc commit``."""
-
-    def launch() -> None:
-        run_logger().info("$ %s  (in %s)", cmd, workspace)
-        rc, tail = stream_command(cmd, workspace)
-        if rc:
-            raise StageFailed(stage, f"DVC stage '{stage}' failed under accelerate (exit {rc})", tail, rc)
-
-    return run_outside_repro(stage, workspace, launch)

@@ -76,6 +76,7 @@ def train_edges_teacher(cfg: Config, *, scenes: Path, foundation: Path, out: Pat
 def encode_edges(cfg: Config, df, *, foundation: Path, out: Path) -> dict[str, int]:
     """The rows of ``df`` (the joined triplets + captions) in the splits distillation reads, encoded with
     the edge map as control latents -> ``out``/<split>/ shards (replaced whole)."""
+    from pipeline import distributed
     from pipeline.data.encode import encode_dataset
     from pipeline.runtime import runtime
 
@@ -84,7 +85,8 @@ def encode_edges(cfg: Config, df, *, foundation: Path, out: Path) -> dict[str, i
     missing = sorted(set(DISTILL_SPLITS) - set(rows["split"]))
     if missing:
         raise ValueError(f"studies.edges: the dataset has no rows in split(s) {missing}")
-    shutil.rmtree(out, ignore_errors=True)
+    if distributed.world().main:  # launched on several processes, rank 0 alone writes `out` (encode_dataset)
+        shutil.rmtree(out, ignore_errors=True)
     rt = runtime(ecfg)
     return encode_dataset(rt.load_foundation(foundation), rows, out, ecfg.data.image_size,
                           ecfg.text.max_sequence_length, batch=rt.encode_batch_size, condition=CONDITION)

@@ -110,14 +110,17 @@ def encode_level(cfg: Config, level: str, *, foundation: Path, encoded: Path, ca
 
 def train_stage1(cfg: Config, seed: int, *, foundation: Path, teacher: Path, encoded: Path, out: Path,
                  work_dir: Path, prefixes=()) -> dict:
-    """full's stage 1 at ``seed`` into the model folder ``out`` (checkpoints in ``work_dir``, removed after)."""
+    """full's stage 1 at ``seed`` into the model folder ``out`` (checkpoints in ``work_dir``, removed after).
+    Launched on several processes, every rank trains (DDP) and rank 0 alone writes and removes."""
+    from pipeline import distributed
     from pipeline.distill.ablation import variant_config
     from pipeline.distill.trainer import distill
 
     vcfg, _ = variant_config(cfg, "full", seed)
     m = distill(vcfg, "stage1", foundation=foundation, teacher=teacher, encoded=encoded, out=out,
                 checkpoints=Path(work_dir), live=None, prefixes=prefixes)
-    shutil.rmtree(work_dir, ignore_errors=True)
+    if distributed.world().main:
+        shutil.rmtree(work_dir, ignore_errors=True)
     return m
 
 
@@ -147,7 +150,10 @@ def stability(history: pd.DataFrame, nonfinite: bool, warmup_steps: int) -> dict
 def run_level(cfg: Config, level: str, seed: int, *, foundation: Path, teacher: Path, level_encoded: Path,
               stage1: Path, reference: Path, df: pd.DataFrame, out_dir: Path, work_dir: Path, live: Path):
     """Stage 2 at ``level`` and ``seed`` from ``stage1``, evaluated on ``df`` (the test rows) against the teacher's
-    outputs. Returns (metrics, per-image table or None when the run diverged)."""
+    outputs. Returns (metrics, per-image table or None when the run diverged, the loss history). Launched on
+    several processes, every rank trains (DDP) and evaluates its share of the rows; rank 0 alone writes,
+    removes the scratch folders and returns the results; the other ranks return no table and no history."""
+    from pipeline import distributed
     from pipeline.atomic import write_dir
     from pipeline.distill.ablation import variant_config
     from pipeline.distill.trainer import distill
@@ -157,6 +163,7 @@ def run_level(cfg: Config, level: str, seed: int, *, foundation: Path, teacher: 
 
     vcfg, _ = variant_config(cfg, "full", seed)
     stage2_keys(vcfg)
+    main = distributed.world().main
     work_dir, live = Path(work_dir), Path(live)  # live: dvclive resumes with the checkpoints after a kill
     metrics: dict = {"level": level, "seed": seed, "noise_share": prompt_level(level), "stage1": str(stage1)}
     try:
@@ -166,14 +173,19 @@ def run_level(cfg: Config, level: str, seed: int, *, foundation: Path, teacher: 
     except NonFiniteLoss as exc:
         nonfinite = True
         metrics["error"] = str(exc)
-        with write_dir(out_dir) as tmp:  # the DVC output exists either way; it says why there is no model
-            (Path(tmp) / "README.md").write_text(f"{run_name(level, seed)} diverged: {exc}\n")
-    history = loss_history(live)
-    metrics.update(stability(history, nonfinite, vcfg.distill.stage2.train.warmup_steps))
-    for scratch in (work_dir, live):
-        shutil.rmtree(scratch, ignore_errors=True)
+        if main:  # the DVC output exists either way; it says why there is no model
+            with write_dir(out_dir) as tmp:
+                (Path(tmp) / "README.md").write_text(f"{run_name(level, seed)} diverged: {exc}\n")
+    history = None
+    if main:  # rank 0 alone reads dvclive's log (only it wrote one) and removes the scratch folders
+        history = loss_history(live)
+        metrics.update(stability(history, nonfinite, vcfg.distill.stage2.train.warmup_steps))
+        for scratch in (work_dir, live):
+            shutil.rmtree(scratch, ignore_errors=True)
     if nonfinite:
         return {**metrics, **{k: math.nan for k in METRICS}}, None, history
     pipe = runtime(vcfg).load_foundation(foundation)
     ev = evaluate_model(vcfg, pipe, run_name(level, seed), out_dir, df, reference=reference)
+    if ev is None:  # a rank other than 0 of a launched run: it evaluated its share of the rows
+        return metrics, None, None
     return {**ev.summary, **metrics}, ev.per_image, history

@@ -19,7 +19,6 @@ from pipeline import flows
 from pipeline.flows import (
     GateFailed,
     StageFailed,
-    accelerate_command,
     artifact_key,
     dvc_stages,
     gate_failures,
@@ -27,7 +26,6 @@ from pipeline.flows import (
     select_stages,
 )
 
-from pipeline.atomic import MARKER  # noqa: E402
 from tests.params import full  # noqa: E402
 
 PY = sys.executable
@@ -158,10 +156,6 @@ def test_without_targets_only_the_root_pipeline_runs(tmp_path):
 
 def test_helpers(tmp_path):
     assert artifact_key("gate", "Validate_Triplets.v2") == "gate-validate-triplets-v2"
-    cmd = accelerate_command("python -m stages.stage1 --x 1", "configs/accelerate/multi_gpu.yaml")
-    assert "accelerate.commands.launch --config_file configs/accelerate/multi_gpu.yaml -m stages.stage1 --x 1" in cmd
-    with pytest.raises(ValueError):
-        accelerate_command("bash train.sh", "cfg.yaml")
     gate = tmp_path / "captions.json"
     gate.write_text(json.dumps([{"expectation": "expect_column_value_lengths_to_be_between",
                                  "column": "local_prompt", "success": False}]))
@@ -223,17 +217,6 @@ def test_failing_gate_fails_flow_naming_expectation(harness, project):
     assert gate is not None and "FAILED" in gate.description
 
 
-def test_fan_out_two_shards_through_dask(harness, tmp_path):
-    cmd = (f"{PY} -c \"import os,sys; i,n=map(int,'{{shard}}'.split('/')); "
-           f"open(os.path.join(sys.argv[1], 'part-%d.txt' % i),'w').write('\\n'.join(str(k) for k in range(i,10,n)))\" {{out}}")
-    dirs = flows.fan_out(cmd, 2, "data/out", tmp_path)
-    assert len(dirs) == 2
-    out = tmp_path / "data/out"
-    assert sorted(p.name for p in out.iterdir()) == [MARKER, "part-0.txt", "part-1.txt"]   # ours: replaceable
-    union = sorted(int(x) for p in out.glob("part-*") for x in p.read_text().split())
-    assert union == list(range(10))
-
-
 def test_retry_only_transient_failures():
     from prefect.states import Failed
 
@@ -250,21 +233,6 @@ def test_transient_failure_is_retried(harness, project, jobs):
                                   overrides={"flows": {"retries": 1, "retry_delay_seconds": 0}})
     assert [r["stage"] for r in results] == ["prepare"]
     assert (project / ".tried").exists() and (project / "data/x.txt").read_text() == "x"
-
-
-@pytest.mark.slow   # a second Dask cluster start (~14 s)
-def test_sharded_stage_fans_out_and_is_committed_to_dvc(harness, project):
-    write = "import os,sys; i=int(sys.argv[1]); os.makedirs(sys.argv[2], exist_ok=True); open(os.path.join(sys.argv[2], 'part-%d.txt' % i),'w').write(str(i))"
-    spec = yaml.safe_load((project / "dvc.yaml").read_text())
-    spec["stages"]["encode"] = {"cmd": f'python -c "{write}" 0 data/enc && python -c "{write}" 1 data/enc',
-                                "deps": ["data/x.txt"], "outs": ["data/enc"]}
-    (project / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    shard_cmd = "python -c \"" + write.replace("int(sys.argv[1])", "int('{shard}'.split('/')[0])") + "\" x {out}"
-    sharded = {"encode": {"command": shard_cmd, "num_shards": 2, "out": "data/enc"}}
-    results = flows.pipeline_flow(str(project), targets=["encode"], overrides={"flows": {"sharded": sharded}})
-    assert [r["stage"] for r in results] == ["prepare", "encode"] and not results[1]["skipped"]
-    assert sorted(p.name for p in (project / "data/enc").glob("part-*")) == ["part-0.txt", "part-1.txt"]
-    assert flows.dvc_stage_is_current("encode", project)          # dvc.lock records the merged output
 
 
 def test_profile_applied_and_unknown_profile_named(tmp_path):
@@ -290,3 +258,20 @@ def test_a_bad_value_in_any_section_fails_before_any_stage_runs(tmp_path):
     with pytest.raises(ConfigError, match=r"trajectories\.points_per_image"):
         flows.apply_parameters(root)          # no profile, no overrides: the workspace's file is checked too
     assert not (root / "data/x.txt").exists()
+
+
+def test_the_flow_refuses_stages_on_several_machines(tmp_path):
+    """Each machine must run a multi-machine stage's command at once; the flow starts it on one, so it says so
+    before anything runs."""
+    import yaml as _yaml
+
+    from pipeline.flows import _refuse_machines
+    from tests.params import REPO
+
+    params = _yaml.safe_load((REPO / "params.yaml").read_text())
+    (tmp_path / "params.yaml").write_text(_yaml.safe_dump(params))
+    _refuse_machines(str(tmp_path))                      # 1 machine: nothing to refuse
+    params["launch"]["machines"] = 2
+    (tmp_path / "params.yaml").write_text(_yaml.safe_dump(params))
+    with pytest.raises(ValueError, match="launch.machines is 2"):
+        _refuse_machines(str(tmp_path))
