@@ -129,31 +129,32 @@ def _delta(old, new) -> str:
     return f"{d:+.4g}{rel}"
 
 
+def _diff_rows(diff: Mapping | None) -> list[tuple[str, object, object]]:
+    """A ``dvc metrics/params diff --json`` as (name, old, new) rows, sorted; the name carries the file only
+    when the diff spans several."""
+    rows = [(path, key, v.get("old"), v.get("new"))
+            for path, values in sorted((diff or {}).items()) for key, v in sorted(values.items())]
+    multi = len({r[0] for r in rows}) > 1
+    return [(f"{path}: {key}" if multi else key, old, new) for path, key, old, new in rows]
+
+
 def metrics_table(diff: Mapping | None, base: str, head: str) -> list[str]:
     """``dvc metrics diff --json``: metric | BASE | HEAD | change; only metrics that changed (DVC's choice)."""
-    rows = [(path, key, v.get("old"), v.get("new"))
-            for path, metrics in sorted((diff or {}).items()) for key, v in sorted(metrics.items())]
+    rows = _diff_rows(diff)
     if not rows:
         return ["No headline metric changed."]
-    multi = len({r[0] for r in rows}) > 1
     out = [f"| metric | {base} | {head} | change |", "| --- | ---: | ---: | ---: |"]
-    for path, key, old, new in rows:
-        name = f"{path}: {key}" if multi else key
-        out.append(f"| {_cell(name)} | {_cell(old)} | {_cell(new)} | {_delta(old, new)} |")
+    out += [f"| {_cell(name)} | {_cell(old)} | {_cell(new)} | {_delta(old, new)} |" for name, old, new in rows]
     return out
 
 
 def params_table(diff: Mapping | None, base: str, head: str) -> list[str]:
     """``dvc params diff --json``: param | BASE | HEAD, with the params file when there are several."""
-    rows = [(path, key, v.get("old"), v.get("new"))
-            for path, params in sorted((diff or {}).items()) for key, v in sorted(params.items())]
+    rows = _diff_rows(diff)
     if not rows:
         return ["No parameter changed."]
-    multi = len({r[0] for r in rows}) > 1
     out = [f"| param | {base} | {head} |", "| --- | --- | --- |"]
-    for path, key, old, new in rows:
-        name = f"{path}: {key}" if multi else key
-        out.append(f"| `{_cell(name)}` | {_cell(old)} | {_cell(new)} |")
+    out += [f"| `{_cell(name)}` | {_cell(old)} | {_cell(new)} |" for name, old, new in rows]
     return out
 
 
