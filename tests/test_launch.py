@@ -190,18 +190,18 @@ def test_flows_run_a_launching_stage_alone_and_leave_the_rest_as_they_were(tmp_p
     holds every device, so the concurrent scheduler runs it alone."""
     from pipeline.orchestration.concurrent import is_exclusive
     from pipeline.orchestration.dag import Stage as DagStage
-    from pipeline.orchestration.settings import flow_settings, launches_ranks
+    from pipeline.orchestration.settings import launches_ranks
 
     _params(tmp_path, {})
     assert launches_ranks(tmp_path)("python -m stages.encode") is False   # one process: nothing changes
     _params(tmp_path, {"launch": {"processes": 2}})
-    launches, settings = launches_ranks(tmp_path), flow_settings(tmp_path)
+    launches = launches_ranks(tmp_path)
     assert [launches(f"python -m stages.{s}") for s in ("encode", "distill stage1", "scenes", "benchmark")] == \
         [True, True, False, False]
     assert launches("python -c 'print(1)'") is False
     stage = lambda cmd: DagStage("x", "x", cmd, ())
-    assert is_exclusive(stage("python -m stages.evaluate"), settings, launches)
-    assert not is_exclusive(stage("python -m stages.report"), settings, launches)
+    assert is_exclusive(stage("python -m stages.evaluate"), launches)
+    assert not is_exclusive(stage("python -m stages.report"), launches)
 
 
 def test_encode_from_its_dvc_cmd_on_two_processes_writes_the_one_process_shards(micro_world, tmp_path):

@@ -69,13 +69,9 @@ from pipeline.orchestration.stages import (
     stage_failure,
     stream_command,
 )
-from pipeline.threads import ENV, set_threads
+from pipeline.threads import ENV, THREAD_VARS, set_threads
 
 LOG_DIR = Path(".dvc") / "tmp" / "concurrent"
-# Thread pools a stage command may start: OpenMP (torch's intra-op pool follows OMP_NUM_THREADS), MKL,
-# OpenBLAS, numexpr, Accelerate, rayon (tokenizers, polars).
-THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
-               "NUMEXPR_MAX_THREADS", "VECLIB_MAXIMUM_THREADS", "RAYON_NUM_THREADS")
 
 
 def default_jobs(jobs: int | None = None, settings: FlowSettings | None = None) -> int:
@@ -214,8 +210,7 @@ def concurrent_stage_task(stage: str, cmd: str, workspace: str, threads: int, ch
 # ----------------------------------------------------------------------------- sequential dispatch
 
 
-def is_exclusive(stage: Stage, settings: FlowSettings,
-                 launches: Callable[[str], bool] = lambda cmd: False) -> bool:
+def is_exclusive(stage: Stage, launches: Callable[[str], bool] = lambda cmd: False) -> bool:
     """Stages whose command starts several ranks (``launches``: :func:`.settings.launches_ranks`): every
     core / device of their own."""
     return launches(stage.cmd)
@@ -433,7 +428,7 @@ def concurrent_flow(workspace: str, stages: list[str], jobs: int, force: bool = 
         return stage_task.submit(stage.address, stage.cmd, workspace, threads, False, settings.no_retry_stages)
 
     return run_concurrently(chosen, workspace, jobs, submit, force=force,
-                            exclusive=lambda s: is_exclusive(s, settings, launches),
+                            exclusive=lambda s: is_exclusive(s, launches),
                             run_exclusive=lambda s: run_stage(s, workspace, settings, force),
                             seconds=stage_seconds(Path(workspace) / RUN_TIME),
                             lend=not settings.dask_address)
